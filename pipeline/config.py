@@ -1,0 +1,121 @@
+"""Typed schema of `conf/`: every stage validates its Hydra config here before doing any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import PipelineError
+
+
+class ConfigError(PipelineError):
+    """A config value that is out of range, mistyped or unknown; the message names the key."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "mnist"
+    mirrors: list[str] = field(default_factory=list)
+    # file name -> SHA-256 of its decompressed (raw IDX) bytes
+    files: dict[str, str] = field(default_factory=dict)
+    timeout: float = 30.0
+    retries: int = 2
+    test_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, "dataset.name", self.name, f"one of {sorted(DATASETS)}")
+        _require(self.timeout > 0, "dataset.timeout", self.timeout, "> 0 seconds")
+        _require(self.retries >= 0, "dataset.retries", self.retries, ">= 0")
+        _require(
+            0 < self.test_fraction < 1, "dataset.test_fraction", self.test_fraction, "in (0, 1)"
+        )
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    depth: int = 1
+    activation: str = "relu"
+    dropout: float = 0.0
+    optimizer: str = "rmsprop"
+    learning_rate: float = 0.001
+    filters: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("mlp", "cnn"), "model.name", self.name, "'mlp' or 'cnn'")
+        _require(self.depth >= 1, "model.depth", self.depth, ">= 1")
+        _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
+        _require(self.learning_rate > 0, "model.learning_rate", self.learning_rate, "> 0")
+        _require(all(f >= 1 for f in self.filters), "model.filters", self.filters, "positive ints")
+        if self.name == "cnn":
+            _require(bool(self.filters), "model.filters", self.filters, "at least one conv layer")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = "sqlite:///mlflow.db"
+    experiment: str | None = None
+
+
+@dataclass
+class CrossvalConfig:
+    shuffle: bool = True
+    stratified: bool = False
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    crossval: CrossvalConfig = field(default_factory=CrossvalConfig)
+    epochs: int = 5
+    batch_size: int = 128
+    folds: int = 5
+    width: int = 512
+    seed: int = 42
+    deterministic: bool = False
+    validation_split: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _require(self.folds >= 2, "folds", self.folds, ">= 2")
+        _require(self.width >= 1, "width", self.width, ">= 1")
+        _require(self.seed >= 0, "seed", self.seed, ">= 0")
+        _require(
+            0 <= self.validation_split < 1, "validation_split", self.validation_split, "in [0, 1)"
+        )
+
+
+DATASETS = ("mnist", "fashion_mnist", "digits")
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(
+            f"{key}={value!r} is invalid: expected {expected}. "
+            f"Fix: set {key} to a value {expected} (in conf/ or as {key}=... on the command line)"
+        )
+
+
+def validate(cfg: DictConfig | dict) -> Config:
+    """Merge `cfg` over the schema and return typed, range-checked settings.
+
+    Raises ConfigError naming the offending key for a wrong type, an unknown key or a value
+    out of range. The schema is applied here rather than in conf/'s defaults list so that DVC's
+    own Hydra composition (which does not import this package) can still compose conf/.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs __post_init__
+    except ConfigError as err:
+        # OmegaConf re-raises our error with its own context lines appended; keep the message.
+        raise ConfigError(str(err).splitlines()[0]) from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        reason = str(err).splitlines()[0]
+        raise ConfigError(f"invalid config key '{key}': {reason}") from None

@@ -1,0 +1,81 @@
+"""Stage 1: get the raw IDX files of the configured dataset into data/raw/<dataset>/, verified."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import paths
+from pipeline.config import Config, DatasetConfig
+from pipeline.download import fetch_file
+from pipeline.errors import DataError
+from pipeline.files import atomic_path
+from pipeline.idx import write_idx
+from pipeline.stage import run_stage
+
+log = logging.getLogger(__name__)
+
+
+def export_digits(dest: Path, test_fraction: float, seed: int) -> list[Path]:
+    """Write scikit-learn's 8x8 digits as the four IDX files, split with a fixed seed.
+
+    Pixel values 0..16 are stretched to 0..255 so preprocessing is the same as for MNIST.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.uint8)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_fraction, random_state=seed, stratify=labels
+    )
+    arrays = {
+        paths.TRAIN_IMAGES: x_train,
+        paths.TRAIN_LABELS: y_train,
+        paths.TEST_IMAGES: x_test,
+        paths.TEST_LABELS: y_test,
+    }
+    written = []
+    for name, array in arrays.items():
+        with atomic_path(dest / name) as tmp:
+            write_idx(tmp, array)
+        written.append(dest / name)
+    log.info("digits: wrote %d train / %d test images to %s", len(y_train), len(y_test), dest)
+    return written
+
+
+def fetch(dataset: DatasetConfig, raw_dir: Path, seed: int) -> list[Path]:
+    """Make raw_dir/<dataset.name>/ hold the dataset's four verified IDX .gz files."""
+    dest = raw_dir / dataset.name
+    dest.mkdir(parents=True, exist_ok=True)
+    if dataset.name == "digits":
+        return export_digits(dest, dataset.test_fraction, seed)
+    if set(dataset.files) != set(paths.IDX_FILES):
+        raise DataError(
+            f"dataset.files must list exactly {list(paths.IDX_FILES)} with their SHA-256; "
+            f"got {sorted(dataset.files)}"
+        )
+    return [
+        fetch_file(
+            name, sha256, dataset.mirrors, dest, timeout=dataset.timeout, retries=dataset.retries
+        )
+        for name, sha256 in dataset.files.items()
+    ]
+
+
+def _run(cfg: Config) -> None:
+    fetch(cfg.dataset, paths.RAW_DIR, cfg.seed)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_stage(cfg, _run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Where every stage reads and writes, relative to the project root (the working directory).
+
+Paths are fixed here, not in params: DVC re-runs a stage whenever a param it depends on changes,
+and an output path is not something that should trigger that (iterative/dvc#9731).
+"""
+
+from pathlib import Path
+
+RAW_DIR = Path("data/raw")  # fetch: data/raw/<dataset>/<IDX .gz files>
+PREPARED_DIR = Path("data/prepared")  # preprocess: train.npz, test.npz, summary.json, samples.png
+MODELS_DIR = Path("models")  # train: model.keras
+METRICS_DIR = Path("metrics")  # train.json, crossval.json (dvc metrics)
+PLOTS_DIR = Path("plots")  # history CSVs and figures (dvc plots)
+RUNS_DIR = Path("runs")  # which MLflow run produced the outputs
+REPORTS_DIR = Path("reports")  # report.html, report.md
+
+TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
+TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
+TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
+TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
+IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)

@@ -1,0 +1,96 @@
+"""The figures: the seed article's sample grid, history curves, fold boxplot, confusion matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, works headless and in CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pipeline.files import atomic_path
+
+TRAIN_COLOR, VALIDATION_COLOR = "red", "green"
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """3x3 grid of the first nine images with their labels."""
+    fig, axes = plt.subplots(3, 3, figsize=(5, 5))
+    for ax, image, label in zip(axes.flat, images[:9], labels[:9], strict=False):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(str(label))
+        ax.axis("off")
+    _save(fig, path)
+
+
+def history_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Path) -> None:
+    """The seed's two panels (cross-entropy loss, accuracy): train red, validation green,
+    one line pair per history (one per fold, or one for a single training run)."""
+    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    for ax, key, title in (
+        (loss_ax, "loss", "Cross Entropy Loss"),
+        (acc_ax, "accuracy", "Classification Accuracy"),
+    ):
+        for i, history in enumerate(histories):
+            epochs = np.arange(1, len(history[key]) + 1)
+            ax.plot(epochs, history[key], color=TRAIN_COLOR, label="train" if i == 0 else None)
+            if f"val_{key}" in history:
+                ax.plot(
+                    epochs,
+                    history[f"val_{key}"],
+                    color=VALIDATION_COLOR,
+                    label="validation" if i == 0 else None,
+                )
+        ax.set_title(title)
+        ax.legend()
+    acc_ax.set_xlabel("epoch")
+    _save(fig, path)
+
+
+def fold_boxplot(accuracies: Sequence[float], path: Path) -> None:
+    """Box-and-whisker plot of the per-fold accuracies."""
+    fig, ax = plt.subplots(figsize=(4, 5))
+    ax.boxplot(accuracies)
+    ax.set_xticks([1], [f"{len(accuracies)} folds"])
+    ax.set_ylabel("accuracy")
+    ax.set_title("Cross-validation accuracy")
+    _save(fig, path)
+
+
+def confusion_matrix(matrix: np.ndarray, path: Path) -> None:
+    """Counts of true (rows) vs predicted (columns) classes."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(matrix, cmap="Blues")
+    n = matrix.shape[0]
+    for i in range(n):
+        for j in range(n):
+            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=7)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax)
+    _save(fig, path)
+
+
+def image_gallery(images: np.ndarray, titles: Sequence[str], path: Path, columns: int = 8) -> None:
+    """Small multiples of images with a caption each (e.g. misclassified digits)."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(title, fontsize=8)
+    _save(fig, path)

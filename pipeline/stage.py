@@ -1,0 +1,54 @@
+"""What every stage entry point shares: validate first, clean errors, SIGTERM as an interrupt."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pipeline.config import Config, validate
+from pipeline.errors import PipelineError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup (temp files, MLflow KILLED) runs."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def output_root() -> Path:
+    """Where a stage writes: the project root for a single run (the paths DVC tracks); a sweep's
+    job writes into its own Hydra job folder, so jobs never overwrite each other's files."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(".")
+
+
+def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
+    """Validate `cfg` before any work, run `stage`, and turn known failures into one clear line."""
+    try:
+        settings = validate(cfg)
+        with sigterm_as_interrupt():
+            stage(settings)
+    except PipelineError as err:
+        raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt as err:
+        print(f"interrupted ({err or 'Ctrl-C'}); no partial outputs were kept", file=sys.stderr)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
