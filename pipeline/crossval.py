@@ -1,0 +1,105 @@
+"""Stage 4: k-fold cross-validation of the configured model on the training set.
+
+A new, freshly initialised model is built for every fold. (The seed article fits one network
+across all folds, so later folds are scored on data the network has already trained on: that
+leaks and inflates the accuracy.) Outputs: metrics/crossval.json, plots/crossval/{history.csv,
+curves.png, boxplot.png}, runs/crossval.json; MLflow: a parent run with one child run per fold.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import paths
+from pipeline.config import Config, ConfigError
+from pipeline.files import read_json, write_json
+from pipeline.preprocess import load_split
+from pipeline.stage import output_root, run_stage
+from pipeline.train import history_rows, write_history_csv
+
+log = logging.getLogger(__name__)
+
+
+def fold_indices(labels: np.ndarray, cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, validation) index pairs, checked so every fold has data to train and score on."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    smallest = int(np.bincount(labels).min(initial=0)) if cfg.crossval.stratified else len(labels)
+    if cfg.folds > smallest:
+        what = "the smallest class" if cfg.crossval.stratified else "the training set"
+        raise ConfigError(
+            f"folds={cfg.folds} is more than {what} has samples ({smallest}). "
+            f"Fix: use folds<={smallest}"
+        )
+    random_state = cfg.seed if cfg.crossval.shuffle else None
+    splitter_class = StratifiedKFold if cfg.crossval.stratified else KFold
+    splitter = splitter_class(cfg.folds, shuffle=cfg.crossval.shuffle, random_state=random_state)
+    return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
+    """Run k-fold CV; returns the metrics written to crossval.json."""
+    import mlflow
+
+    from pipeline.model import build_model, fit, new_session
+    from pipeline.plots import fold_boxplot, history_curves
+    from pipeline.tracking import child_run, run_record, tracked_run, tracking_uri
+
+    data = load_split(prepared_dir / "train.npz")
+    folds = fold_indices(data.labels, cfg)
+    dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
+    accuracies, losses, histories, rows = [], [], [], []
+
+    with tracked_run(cfg, "crossval", dataset_sha) as run:
+        for k, (train_idx, val_idx) in enumerate(folds, start=1):
+            new_session(cfg.seed + k, cfg.deterministic)
+            network = build_model(cfg.model, cfg.width, data.x.shape[1], data.image_shape)
+            with child_run(f"fold {k}", {"stage": "crossval-fold", "fold": str(k)}):
+                validation = (data.x[val_idx], data.y[val_idx])
+                history = fit(network, data.x[train_idx], data.y[train_idx], cfg, validation)
+                loss, accuracy = network.evaluate(*validation, batch_size=1024, verbose=0)
+                mlflow.log_metrics({"fold_accuracy": accuracy, "fold_loss": loss})
+            log.info("fold %d/%d: accuracy %.4f", k, cfg.folds, accuracy)
+            accuracies.append(float(accuracy))
+            losses.append(float(loss))
+            histories.append(history)
+            rows.extend(history_rows(history, fold=k))
+
+        metrics = {
+            "accuracy_mean": float(np.mean(accuracies)),
+            "accuracy_std": float(np.std(accuracies)),
+            "loss_mean": float(np.mean(losses)),
+            "loss_std": float(np.std(losses)),
+            "fold_accuracy": {f"fold{k}": a for k, a in enumerate(accuracies, start=1)},
+        }
+        plots_dir = out_root / paths.PLOTS_DIR / "crossval"
+        write_history_csv(rows, plots_dir / "history.csv")
+        history_curves(histories, plots_dir / "curves.png")
+        fold_boxplot(accuracies, plots_dir / "boxplot.png")
+        write_json(out_root / paths.METRICS_DIR / "crossval.json", metrics)
+
+        mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+        write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, tracking_uri(cfg)))
+    log.info(
+        "%d-fold accuracy %.4f ± %.4f", cfg.folds, metrics["accuracy_mean"], metrics["accuracy_std"]
+    )
+    return metrics
+
+
+def _run(cfg: Config) -> None:
+    crossval(cfg, paths.PREPARED_DIR, output_root())
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_stage(cfg, _run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The networks (the seed MLP and a small CNN), seeding, and the one fit loop train and CV share."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config, ConfigError, ModelConfig
+from pipeline.stage import quiet_stderr
+
+with quiet_stderr():
+    import keras
+    import tensorflow as tf
+
+NUM_CLASSES = 10
+
+
+def new_session(seed: int, deterministic: bool) -> None:
+    """Start from a clean Keras state (frees earlier models, e.g. the previous fold's), seeded:
+    Python, NumPy and TensorFlow; optionally with deterministic TensorFlow ops."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def _optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
+    try:
+        return keras.optimizers.get(
+            {"class_name": model.optimizer, "config": {"learning_rate": model.learning_rate}}
+        )
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"model.optimizer={model.optimizer!r} is not a Keras optimizer. "
+            "Fix: use e.g. rmsprop, adam, sgd, adamw"
+        ) from None
+
+
+def build_model(model: ModelConfig, width: int, input_dim: int, image_shape: tuple[int, int]):
+    """A compiled Keras model taking flattened pixels (so every model has one input format).
+
+    mlp: depth x Dense(width, activation) -> Dense(10, softmax); the default is the seed article's
+    Dense(512, relu) -> Dense(10, softmax). cnn: the pixels reshaped to an image, then per entry
+    of `filters` a 3x3 Conv + 2x2 MaxPool, then the same dense head.
+    """
+    inputs = keras.Input(shape=(input_dim,), name="pixels")
+    x = inputs
+    if model.name == "cnn":
+        x = keras.layers.Reshape((*image_shape, 1))(x)
+        for filters in model.filters:
+            x = keras.layers.Conv2D(filters, 3, padding="same", activation=model.activation)(x)
+            x = keras.layers.MaxPooling2D(2, padding="same")(x)
+        x = keras.layers.Flatten()(x)
+    for _ in range(model.depth):
+        x = keras.layers.Dense(width, activation=model.activation)(x)
+        if model.dropout:
+            x = keras.layers.Dropout(model.dropout)(x)
+    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    network = keras.Model(inputs, outputs, name=model.name)
+    network.compile(
+        optimizer=_optimizer(model), loss="categorical_crossentropy", metrics=["accuracy"]
+    )
+    return network
+
+
+def model_requirements() -> list[str]:
+    """Pinned pip requirements for the logged model: the packages that are installed here.
+
+    Given explicitly because MLflow's inference of them reloads the model in a subprocess
+    (about 14 s a run) and would name the right packages anyway.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for package in ("tensorflow", "tensorflow-cpu", "keras", "numpy"):
+        try:
+            requirements.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return requirements
+
+
+class EpochMetricsLogger(keras.callbacks.Callback):
+    """Log each epoch's metrics to the active MLflow run, with step = epoch (1-based)."""
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+
+
+def fit(
+    network: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: Config,
+    validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, list[float]]:
+    """Train with the configured epochs and batch size; returns the per-epoch history.
+
+    Keras' progress bar is shown on a terminal only, so CI logs stay readable.
+    """
+    history = network.fit(
+        x,
+        y,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        validation_data=validation_data,
+        validation_split=0.0 if validation_data is not None else cfg.validation_split,
+        callbacks=[EpochMetricsLogger()],
+        verbose=1 if sys.stdout.isatty() else 0,
+    )
+    return {k: [float(v) for v in values] for k, values in history.history.items()}

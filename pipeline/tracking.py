@@ -1,0 +1,167 @@
+"""MLflow plumbing: one pinned store, sweep grouping, and runs that never stay RUNNING."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pipeline.config import Config
+from pipeline.errors import TrackingError
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The configured store, with a relative sqlite path made absolute (relative to the working
+    directory, i.e. the project root), so every process and Hydra job writes to the same file."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise TrackingError(
+            "no MLflow tracking URI: pass tracking.uri=http://HOST:5000 or set MLFLOW_TRACKING_URI"
+        )
+    if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_absolute():
+        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX) :]).resolve())
+    return uri
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"digits-{cfg.dataset.name}"
+
+
+def _check_server(uri: str) -> None:
+    """Fail before any training when a tracking server is unreachable."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            pass
+    except OSError as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({err}). Start it, fix tracking.uri, "
+            "or use the local store with tracking=local."
+        ) from None
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'depth': 1}} -> {'model.depth': 1}; lists become their string form."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_params(cfg: Config) -> dict[str, Any]:
+    """The resolved config as flat MLflow params (checksums left out: they are tagged)."""
+    params = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))  # type: ignore[arg-type]
+    return {k: v for k, v in params.items() if not k.startswith("dataset.files.")}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def hydra_tags() -> dict[str, str]:
+    """The command-line overrides, and the sweep a multirun job belongs to (its grouping key)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    tags = {"hydra_overrides": " ".join(hydra_cfg.overrides.task)}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        tags["sweep"] = str(hydra_cfg.sweep.dir)
+        tags["sweep_job"] = str(hydra_cfg.job.num)
+    return tags
+
+
+def _open_store(uri: str, experiment: str) -> str:
+    """Set the store and experiment; returns the experiment id. A fresh sqlite store is created
+    under a file lock: parallel jobs racing on schema creation fail (daizutabi/hydraflow#245)."""
+    import mlflow
+    from filelock import FileLock
+
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    lock = (
+        FileLock(uri[len(SQLITE_PREFIX) :] + ".lock")
+        if uri.startswith(SQLITE_PREFIX)
+        else contextlib.nullcontext()
+    )
+    try:
+        with lock:
+            return mlflow.set_experiment(experiment).experiment_id
+    except Exception as err:  # mlflow raises many types for a bad store
+        raise TrackingError(f"cannot open MLflow store {uri}: {err}") from None
+
+
+@contextlib.contextmanager
+def _ended_with_status() -> Iterator[None]:
+    """End the active run FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on any other error."""
+    import mlflow
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
+    """An MLflow run for one stage, with the config as params and provenance tags."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    experiment_id = _open_store(uri, experiment_name(cfg))
+    tags = {"stage": stage, "dataset": cfg.dataset.name, "dataset_sha256": dataset_sha256}
+    tags.update(hydra_tags())
+    if commit := _git_commit():
+        tags["git_commit"] = commit
+    run_name = f"{stage} {tags.get('hydra_overrides', '')}".strip()  # e.g. "train epochs=10"
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    with _ended_with_status():
+        mlflow.log_params(config_params(cfg))
+        yield run
+
+
+@contextlib.contextmanager
+def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
+    """A nested run (e.g. one CV fold) under the active run, in the same experiment."""
+    import mlflow
+
+    parent = mlflow.active_run()
+    run = mlflow.start_run(
+        experiment_id=parent.info.experiment_id, run_name=name, nested=True, tags=dict(tags)
+    )
+    with _ended_with_status():
+        yield run
+
+
+def run_record(run: Any, uri: str) -> dict[str, str]:
+    """What to write next to the outputs so a user (and the report) can find the run again."""
+    return {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": uri,
+    }

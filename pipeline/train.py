@@ -1,0 +1,127 @@
+"""Stage 3: fit the configured model on the training set, evaluate on the test set, log to MLflow.
+
+Outputs (single run; a sweep job writes the same files into its Hydra job folder):
+models/model.keras, metrics/train.json, plots/train/{history.csv,history.png,predictions.csv},
+runs/train.json (the MLflow run id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.files import atomic_path, read_json, write_json
+from pipeline.preprocess import load_split
+from pipeline.stage import output_root, run_stage
+
+log = logging.getLogger(__name__)
+
+
+def write_history_csv(rows: list[dict[str, float]], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def history_rows(history: dict[str, list[float]], **extra: int) -> list[dict[str, float]]:
+    """One row per epoch (1-based), with any extra constant columns (e.g. fold) first."""
+    epochs = len(next(iter(history.values())))
+    return [
+        {**extra, "epoch": e + 1, **{k: v[e] for k, v in history.items()}} for e in range(epochs)
+    ]
+
+
+def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
+    """Train, evaluate, save and log one model; returns the metrics written to train.json."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    from pipeline.model import build_model, fit, model_requirements, new_session
+    from pipeline.plots import history_curves
+    from pipeline.tracking import run_record, tracked_run, tracking_uri
+
+    train_split = load_split(prepared_dir / "train.npz")
+    test_split = load_split(prepared_dir / "test.npz")
+    dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
+    new_session(cfg.seed, cfg.deterministic)
+    network = build_model(cfg.model, cfg.width, train_split.x.shape[1], train_split.image_shape)
+
+    with tracked_run(cfg, "train", dataset_sha) as run:
+        started = time.perf_counter()
+        history = fit(network, train_split.x, train_split.y, cfg)
+        fit_seconds = time.perf_counter() - started
+        test_loss, test_accuracy = network.evaluate(
+            test_split.x, test_split.y, batch_size=max(cfg.batch_size, 1024), verbose=0
+        )
+        probabilities = network.predict(test_split.x, batch_size=1024, verbose=0)
+        metrics = {
+            "test_loss": float(test_loss),
+            "test_accuracy": float(test_accuracy),
+            **{f"train_{k}": v[-1] for k, v in history.items() if not k.startswith("val_")},
+            **{k: v[-1] for k, v in history.items() if k.startswith("val_")},
+            "fit_seconds": fit_seconds,
+            "seconds_per_epoch": fit_seconds / cfg.epochs,
+        }
+
+        model_path = out_root / paths.MODELS_DIR / "model.keras"
+        with atomic_path(model_path) as tmp:
+            network.save(tmp)
+        plots_dir = out_root / paths.PLOTS_DIR / "train"
+        write_history_csv(history_rows(history), plots_dir / "history.csv")
+        history_curves([history], plots_dir / "history.png")
+        predicted = probabilities.argmax(axis=1)
+        write_history_csv(
+            [
+                {"actual": int(a), "predicted": int(p)}
+                for a, p in zip(test_split.labels, predicted, strict=True)
+            ],
+            plots_dir / "predictions.csv",
+        )
+        write_json(out_root / paths.METRICS_DIR / "train.json", metrics)
+
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")})
+        mlflow.log_metrics({"fit_seconds": fit_seconds})
+        mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+        sample = test_split.x[:5]
+        # MLflow validates the input example by predicting it; keep Keras' progress bar quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            mlflow.tensorflow.log_model(
+                network,
+                name="model",
+                signature=infer_signature(sample, probabilities[:5].astype(np.float32)),
+                input_example=sample,
+                pip_requirements=model_requirements(),
+            )
+        write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, tracking_uri(cfg)))
+    log.info(
+        "test accuracy %.4f, loss %.4f (%.1f s, run %s)",
+        metrics["test_accuracy"],
+        metrics["test_loss"],
+        fit_seconds,
+        run.info.run_id,
+    )
+    return metrics
+
+
+def _run(cfg: Config) -> None:
+    train(cfg, paths.PREPARED_DIR, output_root())
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_stage(cfg, _run)
+
+
+if __name__ == "__main__":
+    main()
