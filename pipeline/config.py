@@ -24,6 +24,7 @@ class DatasetConfig:
     timeout: float = 30.0
     retries: int = 2
     test_fraction: float = 0.25
+    split_seed: int = 0  # digits only: its fixed train/test split
 
     def __post_init__(self) -> None:
         _require(self.name in DATASETS, "dataset.name", self.name, f"one of {sorted(DATASETS)}")

@@ -48,7 +48,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
 
     from pipeline.model import build_model, fit, new_session
     from pipeline.plots import fold_boxplot, history_curves
-    from pipeline.tracking import child_run, run_record, tracked_run, tracking_uri
+    from pipeline.tracking import child_run, run_record, tracked_run
 
     data = load_split(prepared_dir / "train.npz")
     folds = fold_indices(data.labels, cfg)
@@ -85,7 +85,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
 
         mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
         mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
-        write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, tracking_uri(cfg)))
+        write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, cfg))
     log.info(
         "%d-fold accuracy %.4f ± %.4f", cfg.folds, metrics["accuracy_mean"], metrics["accuracy_std"]
     )

@@ -49,12 +49,12 @@ def export_digits(dest: Path, test_fraction: float, seed: int) -> list[Path]:
     return written
 
 
-def fetch(dataset: DatasetConfig, raw_dir: Path, seed: int) -> list[Path]:
+def fetch(dataset: DatasetConfig, raw_dir: Path) -> list[Path]:
     """Make raw_dir/<dataset.name>/ hold the dataset's four verified IDX .gz files."""
     dest = raw_dir / dataset.name
     dest.mkdir(parents=True, exist_ok=True)
     if dataset.name == "digits":
-        return export_digits(dest, dataset.test_fraction, seed)
+        return export_digits(dest, dataset.test_fraction, dataset.split_seed)
     if set(dataset.files) != set(paths.IDX_FILES):
         raise DataError(
             f"dataset.files must list exactly {list(paths.IDX_FILES)} with their SHA-256; "
@@ -69,7 +69,7 @@ def fetch(dataset: DatasetConfig, raw_dir: Path, seed: int) -> list[Path]:
 
 
 def _run(cfg: Config) -> None:
-    fetch(cfg.dataset, paths.RAW_DIR, cfg.seed)
+    fetch(cfg.dataset, paths.RAW_DIR)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

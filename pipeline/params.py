@@ -30,8 +30,15 @@ def compose_params(overrides: list[str] | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.params", description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if params.yaml is stale")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides, e.g. dataset=digits epochs=2 (not with --check)",
+    )
     args = parser.parse_args(argv)
-    expected = compose_params()
+    if args.check and args.overrides:
+        parser.error("--check compares params.yaml with conf/ as it is: give no overrides")
+    expected = compose_params(args.overrides)
     current = PARAMS_FILE.read_text(encoding="utf-8") if PARAMS_FILE.exists() else ""
     if args.check:
         if current != expected:

@@ -158,10 +158,12 @@ def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
         yield run
 
 
-def run_record(run: Any, uri: str) -> dict[str, str]:
-    """What to write next to the outputs so a user (and the report) can find the run again."""
+def run_record(run: Any, cfg: Config) -> dict[str, Any]:
+    """What to write next to the outputs so a user (and the report) can find the run again,
+    with the resolved config the run used."""
     return {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
-        "tracking_uri": uri,
+        "tracking_uri": tracking_uri(cfg),
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
     }

@@ -49,7 +49,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
 
     from pipeline.model import build_model, fit, model_requirements, new_session
     from pipeline.plots import history_curves
-    from pipeline.tracking import run_record, tracked_run, tracking_uri
+    from pipeline.tracking import run_record, tracked_run
 
     train_split = load_split(prepared_dir / "train.npz")
     test_split = load_split(prepared_dir / "test.npz")
@@ -103,7 +103,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
                 input_example=sample,
                 pip_requirements=model_requirements(),
             )
-        write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, tracking_uri(cfg)))
+        write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, cfg))
     log.info(
         "test accuracy %.4f, loss %.4f (%.1f s, run %s)",
         metrics["test_accuracy"],

@@ -1,0 +1,215 @@
+"""Shared fixtures: tiny real IDX files, a real local HTTP server, the prepared digits dataset,
+Hydra composition of conf/ and a runner for the stage CLIs.
+
+Everything here is real: files are written with pipeline.idx, served over 127.0.0.1 by
+http.server, and stages are run as `python -m pipeline.<stage>` subprocesses. Nothing touches
+the network beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+# Before anything imports pipeline, mlflow or tensorflow; subprocesses inherit os.environ.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+# Never let a proxy variable route the local test server's traffic off this machine.
+_no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
+_no_proxy = ",".join(p for p in (_no_proxy, "127.0.0.1", "localhost") if p)
+os.environ["no_proxy"] = os.environ["NO_PROXY"] = _no_proxy
+
+from pipeline import paths  # noqa: E402
+from pipeline.config import DatasetConfig  # noqa: E402
+from pipeline.idx import raw_sha256, write_idx  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+OFFLINE_HINT_KEY = "dataset=digits"
+
+
+# --------------------------------------------------------------------------- tiny IDX files
+
+
+def tiny_arrays() -> dict[str, np.ndarray]:
+    """The four IDX arrays: 12 train and 6 test 28x28 uint8 images with labels 0..9."""
+    rng = np.random.default_rng(1234)
+    return {
+        paths.TRAIN_IMAGES: rng.integers(0, 256, size=(12, 28, 28), dtype=np.uint8),
+        paths.TRAIN_LABELS: (np.arange(12) % 10).astype(np.uint8),
+        paths.TEST_IMAGES: rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8),
+        paths.TEST_LABELS: np.array([9, 8, 7, 0, 1, 2], dtype=np.uint8),
+    }
+
+
+@pytest.fixture
+def idx_arrays() -> dict[str, np.ndarray]:
+    """File name -> the array that `idx_files` writes under that name."""
+    return tiny_arrays()
+
+
+@pytest.fixture
+def mirror_dir(tmp_path: Path) -> Path:
+    """The directory `idx_files` writes into (serve it over HTTP, file:// or as a plain dir)."""
+    path = tmp_path / "mirror"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def idx_files(mirror_dir: Path, idx_arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write the four tiny IDX .gz files into `mirror_dir`; return file name -> raw SHA-256."""
+    sha = {}
+    for name, array in idx_arrays.items():
+        write_idx(mirror_dir / name, array)
+        sha[name] = raw_sha256(mirror_dir / name)
+    return sha
+
+
+# --------------------------------------------------------------------------- local HTTP server
+
+
+class Served(NamedTuple):
+    """A running local server: its base URL (ending in '/') and the paths requested so far."""
+
+    url: str
+    requests: list[str]
+
+
+# A route takes the request handler and returns True if it answered the request itself
+# (False: serve the file from the directory as usual).
+Route = Callable[[SimpleHTTPRequestHandler], bool]
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        self.server.requests.append(self.path)
+        route = self.server.routes.get(self.path)
+        if route is not None and route(self):
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep pytest's output clean
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    requests: list[str]
+    routes: dict[str, Route]
+    stop: threading.Event
+
+
+@pytest.fixture
+def http_server() -> Iterator[Callable[..., Served]]:
+    """Factory: `http_server(directory, routes={"/name": route})` serves `directory` on
+    127.0.0.1 (a free port) in a thread and returns Served(url, requests).
+
+    `routes` overrides single paths (hang, 503, ...); a route may block on
+    `handler.server.stop`, which is set when the test ends so no thread outlives it.
+    """
+    started: list[tuple[_Server, threading.Thread]] = []
+
+    def start(directory: Path, routes: dict[str, Route] | None = None) -> Served:
+        handler = functools.partial(_Handler, directory=str(directory))
+        server = _Server(("127.0.0.1", 0), handler)
+        server.requests = []
+        server.routes = dict(routes or {})
+        server.stop = threading.Event()
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        started.append((server, thread))
+        host, port = server.server_address[:2]
+        return Served(f"http://{host}:{port}/", server.requests)
+
+    yield start
+    for server, thread in started:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (connection refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- digits dataset
+
+
+def _fetch_digits(raw_dir: Path, split_seed: int = 0) -> Path:
+    """Write the digits dataset's IDX files under raw_dir/digits/ (no network); return that dir."""
+    from pipeline.fetch import fetch
+
+    fetch(DatasetConfig(name="digits", split_seed=split_seed), raw_dir)
+    return raw_dir / "digits"
+
+
+@pytest.fixture
+def fetch_digits() -> Callable[..., Path]:
+    """fetch_digits(raw_dir, split_seed=0) -> raw_dir/digits holding the four IDX files."""
+    return _fetch_digits
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fetch and preprocess digits once per session; returns the prepared dir (do not modify)."""
+    from pipeline.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("digits")
+    raw = _fetch_digits(root / "raw")
+    prepared = root / "prepared"
+    preprocess(raw, prepared, "digits")
+    return prepared
+
+
+# --------------------------------------------------------------------------- config and CLI
+
+
+@pytest.fixture
+def compose() -> Callable[..., object]:
+    """compose(*overrides) -> conf/config.yaml composed by Hydra's compose API (a DictConfig)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+
+    return _compose
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `python -m <args>` (this venv's interpreter) in `cwd`, inheriting os.environ."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """cli(cwd, "pipeline.fetch", "dataset=digits", ...) -> CompletedProcess (text)."""
+    return run_cli

@@ -1,0 +1,165 @@
+"""conf/ composes with Hydra for every group option and pipeline.config.validate checks it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline import paths
+from pipeline.config import Config, ConfigError, validate
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUP_OPTIONS = {
+    "dataset": {"mnist", "fashion_mnist", "digits"},
+    "model": {"mlp", "cnn"},
+    "tracking": {"local", "server"},
+}
+
+
+def names_key(message: str, key: str) -> bool:
+    """True if `message` contains the full dotted `key` as a token (not just its last part)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) is not None
+
+
+def test_conf_groups_hold_exactly_the_expected_options():
+    found = {
+        group: {p.stem for p in (CONF_DIR / group).glob("*.yaml")} for group in GROUP_OPTIONS
+    }
+    assert found == GROUP_OPTIONS
+
+
+def test_default_config_validates(compose):
+    cfg = validate(compose())
+    assert isinstance(cfg, Config)
+    assert (cfg.epochs, cfg.batch_size, cfg.folds, cfg.width) == (5, 128, 5, 512)
+    assert cfg.dataset.name == "mnist"
+    assert cfg.model.name == "mlp"
+    assert set(cfg.dataset.files) == set(paths.IDX_FILES)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", sha) for sha in cfg.dataset.files.values())
+    assert cfg.dataset.mirrors
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(group, option) for group, options in GROUP_OPTIONS.items() for option in sorted(options)],
+)
+def test_every_group_option_composes_and_validates(compose, group, option):
+    cfg = validate(compose(f"{group}={option}"))
+    if group == "dataset":
+        assert cfg.dataset.name == option
+        if option == "digits":
+            assert cfg.dataset.mirrors == [] and cfg.dataset.files == {}
+        else:
+            assert set(cfg.dataset.files) == set(paths.IDX_FILES)
+            assert cfg.dataset.mirrors
+    elif group == "model":
+        assert cfg.model.name == option
+        assert bool(cfg.model.filters) == (option == "cnn")
+    else:
+        assert (cfg.tracking.uri is None) == (option == "server")
+
+
+def test_overrides_reach_the_typed_config(compose):
+    cfg = validate(compose("epochs=2", "batch_size=64", "folds=3", "width=16", "model=cnn"))
+    assert (cfg.epochs, cfg.batch_size, cfg.folds, cfg.width) == (2, 64, 3, 16)
+    assert cfg.model.filters == [32, 64]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("epochs=0", "epochs"),
+        ("epochs=abc", "epochs"),
+        ("batch_size=0", "batch_size"),
+        ("folds=1", "folds"),
+        ("width=0", "width"),
+        ("width=-3", "width"),
+        ("+foo=1", "foo"),
+        ("+model.nope=1", "model.nope"),
+        ("dataset.name=bogus", "dataset.name"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("model.depth=two", "model.depth"),
+        ("model.learning_rate=0", "model.learning_rate"),
+        ("dataset.timeout=0", "dataset.timeout"),
+        ("dataset.retries=-1", "dataset.retries"),
+        (("dataset=digits", "dataset.test_fraction=1"), "dataset.test_fraction"),
+        ("seed=-1", "seed"),
+        ("validation_split=1.0", "validation_split"),
+    ],
+)
+def test_invalid_value_raises_config_error_naming_the_key(compose, override, key):
+    overrides = override if isinstance(override, tuple) else (override,)
+    cfg = compose(*overrides)
+    with pytest.raises(ConfigError) as excinfo:
+        validate(cfg)
+    message = str(excinfo.value)
+    assert names_key(message, key), message
+    assert "\n" not in message  # one clean line, not OmegaConf's context dump
+
+
+def test_cnn_without_conv_layers_is_rejected(compose):
+    with pytest.raises(ConfigError, match=r"model\.filters"):
+        validate(compose("model=cnn", "model.filters=[]"))
+
+
+def test_validate_accepts_a_plain_dict():
+    assert validate({"epochs": 3, "model": {"name": "cnn", "filters": [8]}}).epochs == 3
+    with pytest.raises(ConfigError, match=r"'model\.nope'"):
+        validate({"model": {"nope": 1}})
+
+
+def test_train_cli_rejects_bad_config_cleanly_before_any_work(cli, tmp_path):
+    result = cli(tmp_path, "pipeline.train", "epochs=0")
+    assert result.returncode != 0
+    assert names_key(result.stderr, "epochs"), result.stderr
+    assert "error: epochs=0" in result.stderr
+    assert "Traceback" not in result.stderr
+    for output in ("models", "metrics", "runs", "plots", "mlflow.db", "data"):
+        assert not (tmp_path / output).exists(), output
+
+
+def test_train_cli_bad_config_does_not_import_tensorflow(tmp_path):
+    """Validation runs before the heavy imports: a typo costs no TensorFlow start-up."""
+    probe = textwrap.dedent(
+        """
+        import runpy, sys
+        sys.argv = ["pipeline.train", "epochs=0"]
+        try:
+            runpy.run_module("pipeline.train", run_name="__main__", alter_sys=True)
+        except SystemExit as exit:
+            print("EXIT", exit.code is not None and exit.code != 0)
+        print("LOADED", sorted(m for m in ("tensorflow", "keras") if m in sys.modules))
+        """
+    )
+    (tmp_path / "probe.py").write_text(probe)
+    result = subprocess.run(
+        [sys.executable, "probe.py"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "EXIT True" in result.stdout, result.stdout + result.stderr
+    assert "LOADED []" in result.stdout, result.stdout
+
+
+def test_cfg_job_prints_the_resolved_config(cli, tmp_path):
+    result = cli(tmp_path, "pipeline.fetch", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 5" in result.stdout
+    assert "name: mnist" in result.stdout
+    assert not (tmp_path / "data").exists()  # printing the config does no work
+
+    result = cli(tmp_path, "pipeline.fetch", "epochs=7", "dataset=digits", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 7" in result.stdout
+    assert "name: digits" in result.stdout
