@@ -1,7 +1,12 @@
 # Two commands for a new user:  `make run` (set up + run the pipeline)  and  `make test`.
-PYTHON ?= python3
+# Resolved before PATH is changed below, so a stale venv never recreates itself.
+ifndef PYTHON
+PYTHON := $(shell command -v python3)
+endif
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
+# dvc.yaml's commands call `python`: put the venv first on PATH so they use it.
+export PATH := $(BIN):$(PATH)
 
 .PHONY: setup run test lint lock
 setup: $(VENV)/.installed
@@ -15,13 +20,13 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 run: setup  ## the whole experiment: fetch -> preprocess -> train -> crossval -> report
-	$(BIN)/dvc repro
+	dvc repro
 
 test: setup
-	$(BIN)/python -m pytest
+	python -m pytest
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	ruff check . && ruff format --check .
 
 lock:
 	uv pip compile pyproject.toml --extra dev --universal --python-version 3.10 -o requirements.lock
