@@ -114,7 +114,8 @@ def fetch_file(
                 return final
         except DataError:
             pass
-        log.warning("%s: present but invalid; fetching it again", final)
+        log.warning("%s: present but invalid; removing it and fetching it again", final)
+        final.unlink()
     if not mirrors:
         raise DataError(f"{name}: the mirror list is empty. {OFFLINE_HINT}")
 

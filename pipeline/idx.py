@@ -75,5 +75,6 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = struct.pack(">HBB", 0, _UBYTE, array.ndim) + struct.pack(
         f">{array.ndim}I", *array.shape
     )
-    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+    # filename="": no FNAME field, else the (random) temporary name would be in the header.
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         f.write(header + array.tobytes())

@@ -28,9 +28,7 @@ def names_key(message: str, key: str) -> bool:
 
 
 def test_conf_groups_hold_exactly_the_expected_options():
-    found = {
-        group: {p.stem for p in (CONF_DIR / group).glob("*.yaml")} for group in GROUP_OPTIONS
-    }
+    found = {group: {p.stem for p in (CONF_DIR / group).glob("*.yaml")} for group in GROUP_OPTIONS}
     assert found == GROUP_OPTIONS
 
 

@@ -308,7 +308,7 @@ def test_fetch_stage_requires_exactly_the_four_files(idx_files, mirror_dir, tmp_
     files = dict(idx_files)
     files.pop(paths.TEST_LABELS)
     dataset = DatasetConfig(name="mnist", mirrors=[str(mirror_dir)], files=files)
-    with pytest.raises(DataError, match="dataset.files"):
+    with pytest.raises(DataError, match=r"dataset\.files"):
         fetch(dataset, tmp_path / "raw")
     assert list((tmp_path / "raw" / "mnist").iterdir()) == []
 

@@ -1,0 +1,178 @@
+"""Preprocess end to end on the offline `digits` dataset (and the tiny IDX files), in process
+and through the real stage CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import paths
+from pipeline.idx import raw_sha256
+from pipeline.preprocess import load_split, preprocess, read_split
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DIGITS_TOTAL = 1797  # scikit-learn's bundled 8x8 digits
+OUTPUTS = ("train.npz", "test.npz", "summary.json", "samples.png")
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def assert_prepared_arrays(x: np.ndarray, y: np.ndarray, features: int) -> None:
+    n = len(x)
+    assert x.shape == (n, features) and x.dtype == np.float32
+    assert y.shape == (n, 10) and y.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    assert set(np.unique(y).tolist()) == {0.0, 1.0}
+    np.testing.assert_array_equal(y.sum(axis=1), np.ones(n, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- digits, in process
+
+
+def test_digits_outputs_are_all_written(digits_prepared):
+    assert sorted(p.name for p in digits_prepared.iterdir()) == sorted(OUTPUTS)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_digits_arrays(digits_prepared, split):
+    data = load_npz(digits_prepared / f"{split}.npz")
+    assert_prepared_arrays(data["x"], data["y"], 64)
+    assert data["image_shape"].tolist() == [8, 8]
+    assert data["x"].max() == 1.0  # digits' 16 is stretched to 255, scaled to 1
+    assert len(np.unique(data["y"].argmax(axis=1))) == 10  # stratified: every class present
+
+
+def test_digits_summary(digits_prepared):
+    summary = json.loads((digits_prepared / "summary.json").read_text())
+    assert summary["dataset"] == "digits"
+    assert summary["image_shape"] == [8, 8]
+    assert summary["num_classes"] == 10
+    assert summary["x_dtype"] == "float32"
+    assert summary["x_range"] == [0.0, 1.0]
+    assert len(summary["sha256"]) == 64
+    sizes = {}
+    for split in ("train", "test"):
+        part = summary[split]
+        n = part["x_shape"][0]
+        assert part["x_shape"] == [n, 64]
+        assert part["y_shape"] == [n, 10]
+        assert len(part["class_counts"]) == 10
+        assert sum(part["class_counts"]) == n
+        labels = load_npz(digits_prepared / f"{split}.npz")["y"].argmax(axis=1)
+        assert part["class_counts"] == np.bincount(labels, minlength=10).tolist()
+        sizes[split] = n
+    assert sizes["train"] + sizes["test"] == DIGITS_TOTAL
+    assert sizes["test"] == int(np.ceil(0.25 * DIGITS_TOTAL))  # dataset.test_fraction
+
+
+def test_digits_samples_png(digits_prepared):
+    data = (digits_prepared / "samples.png").read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 1000  # a real 3x3 grid, not an empty image
+    assert b"IEND" in data[-12:]
+
+
+def test_load_split_reads_what_preprocess_wrote(digits_prepared):
+    split = load_split(digits_prepared / "train.npz")
+    raw = load_npz(digits_prepared / "train.npz")
+    np.testing.assert_array_equal(split.x, raw["x"])
+    assert split.image_shape == (8, 8)
+    assert split.images.shape == (len(raw["x"]), 8, 8)
+    np.testing.assert_array_equal(split.labels, raw["y"].argmax(axis=1))
+
+
+def test_digits_split_is_reproducible_and_seeded(tmp_path, fetch_digits):
+    first = fetch_digits(tmp_path / "a", split_seed=0)
+    again = fetch_digits(tmp_path / "b", split_seed=0)
+    other = fetch_digits(tmp_path / "c", split_seed=1)
+    for name in paths.IDX_FILES:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+        assert raw_sha256(first / name) != raw_sha256(other / name), name
+
+    def split_of(raw: Path) -> tuple[np.ndarray, np.ndarray]:
+        train = read_split(raw / paths.TRAIN_IMAGES, raw / paths.TRAIN_LABELS)
+        test = read_split(raw / paths.TEST_IMAGES, raw / paths.TEST_LABELS)
+        return train[1], test[1]
+
+    (train0, test0), (train1, test1) = split_of(first), split_of(other)
+    assert (len(train0), len(test0)) == (len(train1), len(test1))
+    assert not np.array_equal(train0, train1)
+    # the same images, only split differently: identical class counts overall
+    np.testing.assert_array_equal(
+        np.bincount(np.concatenate([train0, test0])), np.bincount(np.concatenate([train1, test1]))
+    )
+
+
+def test_preprocess_tiny_idx_exact_values(tmp_path, idx_files, mirror_dir, idx_arrays):
+    out = tmp_path / "prepared"
+    summary = preprocess(mirror_dir, out, "tiny")
+    train = load_npz(out / "train.npz")
+    assert_prepared_arrays(train["x"], train["y"], 28 * 28)
+    images = idx_arrays[paths.TRAIN_IMAGES]
+    np.testing.assert_allclose(train["x"], images.reshape(12, -1) / 255.0, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(train["y"].argmax(axis=1), idx_arrays[paths.TRAIN_LABELS])
+    assert summary["train"]["class_counts"] == [2, 2] + [1] * 8
+    assert summary["test"]["x_shape"] == [6, 784]
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / "samples.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert list(out.glob(".*.tmp*")) == []
+
+
+# --------------------------------------------------------------------------- the real CLIs
+
+
+def test_package_is_importable_from_any_directory(tmp_path):
+    """`python -m pipeline.<stage>` must work outside the checkout (the editable install)."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import pipeline; print(pipeline.__file__)"],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"{result.stderr}\npipeline is not installed in this venv: run `make setup` "
+        "(pip install -e '.[dev]')"
+    )
+    assert Path(result.stdout.strip()) == PROJECT_ROOT / "pipeline" / "__init__.py"
+
+
+def test_cli_fetch_and_preprocess_digits(cli, tmp_path, digits_prepared):
+    fetched = cli(tmp_path, "pipeline.fetch", "dataset=digits")
+    assert fetched.returncode == 0, fetched.stderr
+    raw = tmp_path / "data" / "raw" / "digits"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(paths.IDX_FILES)
+
+    prepared = cli(tmp_path, "pipeline.preprocess", "dataset=digits")
+    assert prepared.returncode == 0, prepared.stderr
+    out = tmp_path / "data" / "prepared"
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "digits"
+    # the CLI's default split is the one the in-process fixture made, byte for byte
+    fixture_raw = digits_prepared.parent / "raw" / "digits"
+    for name in paths.IDX_FILES:
+        assert (raw / name).read_bytes() == (fixture_raw / name).read_bytes(), name
+    expected = json.loads((digits_prepared / "summary.json").read_text())
+    assert summary["sha256"] == expected["sha256"]
+    assert list(raw.glob(".*.tmp*")) == []
+
+
+def test_cli_preprocess_without_raw_data_says_how_to_fix(cli, tmp_path):
+    result = cli(tmp_path, "pipeline.preprocess", "dataset=digits")
+    assert result.returncode != 0
+    assert "is missing" in result.stderr and "pipeline.fetch" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "prepared").exists()
