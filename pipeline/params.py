@@ -23,7 +23,8 @@ def compose_params(overrides: list[str] | None = None) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "params.yaml"
-        compose_and_dump(out, str(CONF_DIR), None, "config", str(CONF_DIR), overrides or [])
+        # Same arguments as `dvc exp run`: config dir conf/, plugins looked up from the repo root.
+        compose_and_dump(out, str(CONF_DIR), None, "config", str(CONF_DIR.parent), overrides or [])
         return out.read_text(encoding="utf-8")
 
 

@@ -1,0 +1,342 @@
+"""End to end with the real tools: `dvc repro`, `dvc metrics/plots show` and `dvc exp run -S` on
+a throw-away copy of the project (its own git repository), on the offline digits dataset with a
+tiny model.
+
+One copy serves the whole module, in this order: the first `dvc repro` (all five stages), checks
+of what it wrote, a second `dvc repro` (nothing to do), an epochs change in conf/ (only train,
+crossval and report re-run), then `dvc exp run -S epochs=3` (DVC recomposes params.yaml from
+conf/ and the training really uses 3 epochs). Each later step is a module fixture that builds on
+the earlier ones, so any single test can also be run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+SOURCE = Path(__file__).resolve().parent.parent
+STAGES = ("fetch", "preprocess", "train", "crossval", "report")
+SECTIONS = (
+    "Test result",
+    "Dataset",
+    "Training curves",
+    "Confusion matrix",
+    "Misclassified",
+    "Cross-validation",
+    "Provenance",
+)
+FIGURES_IN_REPORT = 6  # samples, history, confusion, misclassified, fold curves, fold boxplot
+TINY = {"epochs": 1, "folds": 2, "width": 32}
+LEFTOVERS = {"dvc.lock"}  # a pipeline run in the source checkout: the copy starts afresh
+
+
+@dataclass
+class Project:
+    root: Path
+    env: dict[str, str]
+    first_repro: str  # stdout of the first `dvc repro`
+
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Run a command in the copy; fail the test with its output if it fails."""
+        done = subprocess.run(
+            list(args),
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert done.returncode == 0, (
+            f"{' '.join(args)} exited {done.returncode}\n"
+            f"--- stdout\n{done.stdout[-6000:]}\n--- stderr\n{done.stderr[-6000:]}"
+        )
+        return done
+
+    def python(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(sys.executable, *args)
+
+    def dvc(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("dvc", *args)
+
+    def git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            "git", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args
+        )
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text(encoding="utf-8"))
+
+    def set_conf(self, pattern: str, replacement: str) -> None:
+        """Edit conf/config.yaml; the pattern must match exactly one line."""
+        path = self.root / "conf" / "config.yaml"
+        text, count = re.subn(pattern, replacement, path.read_text(encoding="utf-8"), flags=re.M)
+        assert count == 1, f"{pattern!r} should match one line of conf/config.yaml"
+        path.write_text(text, encoding="utf-8")
+
+
+def _environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
+    bin_dir = str(Path(sys.executable).parent)  # this venv: `python` in dvc.yaml, dvc
+    env.update(
+        PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]),
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        GIT_AUTHOR_NAME="Pipeline Test",
+        GIT_AUTHOR_EMAIL="pipeline-test@example.invalid",
+        GIT_COMMITTER_NAME="Pipeline Test",
+        GIT_COMMITTER_EMAIL="pipeline-test@example.invalid",
+        no_proxy="127.0.0.1,localhost",
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    return env
+
+
+def _copy_project(dest: Path) -> None:
+    """The files git would carry (tracked, and untracked but not ignored), without tests/."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "-co", "--exclude-standard"],
+        cwd=SOURCE,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if name.startswith("tests/") or name in LEFTOVERS or name.startswith("mlflow.db"):
+            continue  # the tests, and what running the pipeline in the source checkout leaves
+        src = SOURCE / name
+        if src.is_file():  # listed but deleted in the working tree: skip
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """A committed copy of the project set to digits with a tiny model, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("dvc-project")
+    _copy_project(root)
+    assert not (root / "data").exists() and not (root / "dvc.lock").exists()
+    proj = Project(root=root, env=_environment(), first_repro="")
+    proj.set_conf(r"^  - dataset: \w+$", "  - dataset: digits")
+    for key, value in TINY.items():
+        proj.set_conf(rf"^{key}: \d+$", f"{key}: {value}")
+
+    proj.python("-m", "pipeline.params")  # the copy's own pipeline package (cwd comes first)
+    params = proj.params()
+    assert params["dataset"]["name"] == "digits"
+    assert {k: params[k] for k in TINY} == TINY
+    proj.python("-m", "pipeline.params", "--check")
+
+    proj.git("init", "-q")
+    proj.git("add", "-A")
+    proj.git("commit", "-q", "-m", "tiny digits pipeline")
+    proj.first_repro = proj.dvc("repro").stdout
+    return proj
+
+
+@pytest.fixture(scope="module")
+def second_repro(project: Project) -> str:
+    return project.dvc("repro").stdout
+
+
+@pytest.fixture(scope="module")
+def epochs_changed(project: Project, second_repro: str) -> str:
+    """conf/ epochs 1 -> 2, params.yaml regenerated, `dvc repro`: its stdout."""
+    project.set_conf(r"^epochs: \d+$", "epochs: 2")
+    project.python("-m", "pipeline.params")
+    assert project.params()["epochs"] == 2
+    return project.dvc("repro").stdout
+
+
+@pytest.fixture(scope="module")
+def experiment(project: Project, epochs_changed: str) -> str:
+    """Commit the epochs-2 baseline, then `dvc exp run -S epochs=3`: its stdout."""
+    project.git("add", "-A")
+    project.git("commit", "-q", "-m", "epochs 2")
+    return project.dvc("exp", "run", "-S", "epochs=3").stdout
+
+
+def _ran(stdout: str) -> set[str]:
+    return set(re.findall(r"^Running stage '(\w+)'", stdout, flags=re.M))
+
+
+def _skipped(stdout: str) -> set[str]:
+    return set(re.findall(r"^Stage '(\w+)' didn't change, skipping", stdout, flags=re.M))
+
+
+def _mlflow_runs(project: Project) -> list:
+    """Every run in the copy's store for the digits experiment, newest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("digits-digits")
+    assert experiment is not None, "the stages log to experiment digits-<dataset.name>"
+    return client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000
+    )
+
+
+# --------------------------------------------------------------------------- first dvc repro
+
+
+def test_first_repro_runs_every_stage_in_order(project: Project) -> None:
+    out = project.first_repro
+    positions = [out.index(f"Running stage '{stage}'") for stage in STAGES]
+    assert positions == sorted(positions), "stages ran out of dependency order"
+    for stage in STAGES:
+        assert f"> python -m pipeline.{stage} --config-dir . --config-name params" in out
+    assert not _skipped(out)
+
+
+def test_outputs_exist(project: Project) -> None:
+    root = project.root
+    raw = sorted(p.name for p in (root / "data/raw/digits").glob("*.gz"))
+    assert raw == sorted(
+        [
+            "train-images-idx3-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+        ]
+    )
+    for name in (
+        "data/prepared/train.npz",
+        "data/prepared/test.npz",
+        "models/model.keras",
+        "metrics/train.json",
+        "metrics/crossval.json",
+        "plots/train/history.csv",
+        "plots/crossval/boxplot.png",
+        "runs/train.json",
+        "runs/crossval.json",
+        "reports/report.html",
+        "reports/report.md",
+        "dvc.lock",
+    ):
+        assert (root / name).is_file(), name
+        assert (root / name).stat().st_size > 0, name
+    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
+    assert set(lock["stages"]) == set(STAGES)
+
+
+def test_report_is_complete_and_self_contained(project: Project) -> None:
+    page = (project.root / "reports/report.html").read_text(encoding="utf-8")
+    headings = re.findall(r"<h2>([^<]*)</h2>", page)
+    for section in SECTIONS:
+        assert any(h.startswith(section) for h in headings), (section, headings)
+    run_id = json.loads((project.root / "runs/train.json").read_text("utf-8"))["run_id"]
+    assert run_id in page
+    assert page.count("data:image/png;base64,") >= FIGURES_IN_REPORT
+    assert page.count("<img") == page.count('src="data:image/png;base64,')
+    for external in ('src="http', 'src="file', "<link", "<script"):
+        assert external not in page
+    assert "digits" in page
+    markdown = (project.root / "reports/report.md").read_text(encoding="utf-8")
+    assert "**Test accuracy" in markdown
+    assert "| fold1 |" in markdown and "| fold2 |" in markdown
+
+
+# --------------------------------------------------------------------------- DVC's views
+
+
+def test_second_repro_has_nothing_to_do(second_repro: str) -> None:
+    assert "Data and pipelines are up to date" in second_repro
+    assert not _ran(second_repro)
+    assert _skipped(second_repro) == set(STAGES)
+
+
+def test_metrics_show(project: Project) -> None:
+    shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
+    metrics = shown[""]["data"]
+    train = metrics["metrics/train.json"]["data"]
+    crossval = metrics["metrics/crossval.json"]["data"]
+    assert 0.0 <= train["test_accuracy"] <= 1.0
+    assert 0.0 <= crossval["accuracy_mean"] <= 1.0
+    assert set(crossval["fold_accuracy"]) == {"fold1", "fold2"}
+
+
+def test_plots_show(project: Project, tmp_path: Path) -> None:
+    out = tmp_path / "dvc_plots"
+    project.dvc("plots", "show", "-o", str(out))
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert "training history" in index
+    assert "confusion matrix" in index
+    for image in ("samples.png", "curves.png", "boxplot.png"):
+        assert image in index
+
+
+def test_git_ignores_every_output(project: Project, second_repro: str) -> None:
+    """Outputs, the MLflow store (and its lock), Hydra run folders and DVC's cache never show up
+    as untracked files: only dvc.lock, which is meant to be committed."""
+    status = project.git("status", "--porcelain", "--untracked-files=all").stdout.splitlines()
+    untracked = sorted(line[3:] for line in status if line.startswith("??"))
+    assert untracked in ([], ["dvc.lock"]), untracked
+    ignored = project.git("status", "--porcelain", "--ignored").stdout
+    for path in ("data/", "models/", "metrics/", "plots/", "runs/", "reports/", "mlflow.db"):
+        assert f"!! {path}" in ignored, path
+    assert "!! outputs/" in ignored  # the stages' Hydra run folders
+
+
+def test_mlflow_runs_of_the_stages_all_finished(project: Project, second_repro: str) -> None:
+    runs = _mlflow_runs(project)
+    stages = [r.data.tags.get("stage") for r in runs]
+    assert stages.count("train") >= 1
+    assert stages.count("crossval") >= 1
+    assert stages.count("crossval-fold") == 2 * stages.count("crossval")
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+# --------------------------------------------------------------------------- changing params
+
+
+def test_epochs_change_reruns_only_what_depends_on_it(epochs_changed: str) -> None:
+    assert _ran(epochs_changed) == {"train", "crossval", "report"}
+    assert _skipped(epochs_changed) == {"fetch", "preprocess"}
+
+
+def test_epochs_change_reaches_the_training(project: Project, epochs_changed: str) -> None:
+    used = json.loads((project.root / "runs/train.json").read_text("utf-8"))["config"]
+    assert used["epochs"] == 2
+    history = (project.root / "plots/train/history.csv").read_text("utf-8").splitlines()
+    assert len(history) == 1 + 2  # header + one row per epoch
+
+
+def test_exp_run_set_param_reaches_training_through_hydra(
+    project: Project, experiment: str
+) -> None:
+    assert "Ran experiment(s)" in experiment
+    assert _ran(experiment) == {"train", "crossval", "report"}
+    assert _skipped(experiment) == {"fetch", "preprocess"}
+    # DVC recomposed params.yaml from conf/ + the override; conf/ itself is unchanged
+    assert project.params()["epochs"] == 3
+    assert re.search(r"^epochs: 2$", (project.root / "conf/config.yaml").read_text(), re.M)
+    # the stage read it through Hydra and trained with it
+    used = json.loads((project.root / "runs/train.json").read_text("utf-8"))["config"]
+    assert used["epochs"] == 3
+    newest_train = next(r for r in _mlflow_runs(project) if r.data.tags.get("stage") == "train")
+    assert newest_train.data.params["epochs"] == "3"
+    assert newest_train.info.status == "FINISHED"
+    assert (
+        newest_train.info.run_id
+        == json.loads((project.root / "runs/train.json").read_text("utf-8"))["run_id"]
+    )
+    # and DVC recorded the experiment
+    assert project.dvc("exp", "list", "--name-only").stdout.split()
+
+
+def test_all_mlflow_runs_finished_after_the_experiment(project: Project, experiment: str) -> None:
+    runs = _mlflow_runs(project)
+    trains = [r for r in runs if r.data.tags.get("stage") == "train"]
+    assert [r.data.params["epochs"] for r in trains] == ["3", "2", "1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
