@@ -80,8 +80,10 @@ class Config:
     seed: int = 42
     deterministic: bool = False
     validation_split: float = 0.0
+    threads: int = 0  # TensorFlow intra/inter-op threads per process; 0 = all cores
 
     def __post_init__(self) -> None:
+        _require(self.threads >= 0, "threads", self.threads, ">= 0 (0 = all cores)")
         _require(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.folds >= 2, "folds", self.folds, ">= 2")

@@ -29,7 +29,10 @@ def fold_indices(labels: np.ndarray, cfg: Config) -> list[tuple[np.ndarray, np.n
     """(train, validation) index pairs, checked so every fold has data to train and score on."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    smallest = int(np.bincount(labels).min(initial=0)) if cfg.crossval.stratified else len(labels)
+    smallest = len(labels)
+    if cfg.crossval.stratified:
+        # Samples of the smallest class present (min's `initial` only covers empty `labels`).
+        smallest = int(np.unique(labels, return_counts=True)[1].min(initial=len(labels)))
     if cfg.folds > smallest:
         what = "the smallest class" if cfg.crossval.stratified else "the training set"
         raise ConfigError(
@@ -44,20 +47,23 @@ def fold_indices(labels: np.ndarray, cfg: Config) -> list[tuple[np.ndarray, np.n
 
 def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     """Run k-fold CV; returns the metrics written to crossval.json."""
-    import mlflow
+    from pipeline.tracking import child_run, open_store_early, run_record, tracked_run
+
+    open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
     from pipeline.model import build_model, fit, new_session
     from pipeline.plots import fold_boxplot, history_curves
-    from pipeline.tracking import child_run, run_record, tracked_run
 
     data = load_split(prepared_dir / "train.npz")
     folds = fold_indices(data.labels, cfg)
     dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
     accuracies, losses, histories, rows = [], [], [], []
 
+    import mlflow
+
     with tracked_run(cfg, "crossval", dataset_sha) as run:
         for k, (train_idx, val_idx) in enumerate(folds, start=1):
-            new_session(cfg.seed + k, cfg.deterministic)
+            new_session(cfg.seed + k, cfg.deterministic, cfg.threads)
             network = build_model(cfg.model, cfg.width, data.x.shape[1], data.image_shape)
             with child_run(f"fold {k}", {"stage": "crossval-fold", "fold": str(k)}):
                 validation = (data.x[val_idx], data.y[val_idx])

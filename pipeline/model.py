@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +19,39 @@ with quiet_stderr():
 NUM_CLASSES = 10
 
 
-def new_session(seed: int, deterministic: bool) -> None:
+def _configure_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools (0 keeps its default: all cores), so parallel sweep jobs
+    don't oversubscribe the machine. Only possible before TensorFlow runs its first op."""
+    if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:  # already initialised in this process (e.g. a later sweep job)
+            pass
+
+
+def check_memory(model: ModelConfig, width: int, input_dim: int) -> None:
+    """Refuse a model whose weights alone would not fit in memory, before TensorFlow tries.
+
+    Weights, gradients and two optimizer slots: about 4 float32 copies of every parameter.
+    """
+    params = input_dim * width + (model.depth - 1) * width * width + width * NUM_CLASSES
+    if model.name == "cnn":
+        params += sum(9 * f * f for f in model.filters)
+    needed = 4 * 4 * params
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if needed > available:
+        raise ConfigError(
+            f"width={width} with model.depth={model.depth} needs about {needed / 2**30:.1f} GiB "
+            f"for its weights alone, more than the {available / 2**30:.1f} GiB of free memory. "
+            "Fix: use a smaller width or depth"
+        )
+
+
+def new_session(seed: int, deterministic: bool, threads: int = 0) -> None:
     """Start from a clean Keras state (frees earlier models, e.g. the previous fold's), seeded:
     Python, NumPy and TensorFlow; optionally with deterministic TensorFlow ops."""
+    _configure_threads(threads)
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     if deterministic:
@@ -46,6 +77,7 @@ def build_model(model: ModelConfig, width: int, input_dim: int, image_shape: tup
     Dense(512, relu) -> Dense(10, softmax). cnn: the pixels reshaped to an image, then per entry
     of `filters` a 3x3 Conv + 2x2 MaxPool, then the same dense head.
     """
+    check_memory(model, width, input_dim)
     inputs = keras.Input(shape=(input_dim,), name="pixels")
     x = inputs
     if model.name == "cnn":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -67,6 +68,13 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
             stage(settings)
     except PipelineError as err:
         raise SystemExit(f"error: {err}") from None
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SystemExit(
+            f"error: no space left on the device ({err}). Nothing partial was kept: free some "
+            "space and run the stage again."
+        ) from None
     except KeyboardInterrupt as err:
         print(f"interrupted ({err or 'Ctrl-C'}); no partial outputs were kept", file=sys.stderr)
         sys.exit(143 if isinstance(err, Terminated) else 130)

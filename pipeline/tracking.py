@@ -7,6 +7,7 @@ import os
 import subprocess
 import urllib.request
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +92,12 @@ def hydra_tags() -> dict[str, str]:
 
 
 def _open_store(uri: str, experiment: str) -> str:
-    """Set the store and experiment; returns the experiment id. A fresh sqlite store is created
-    under a file lock: parallel jobs racing on schema creation fail (daizutabi/hydraflow#245)."""
+    """Import MLflow, open the store and the experiment; returns the experiment id. A fresh
+    sqlite store is created under a file lock: parallel jobs racing on schema creation fail
+    (daizutabi/hydraflow#245)."""
     import mlflow
     from filelock import FileLock
 
-    mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     lock = (
@@ -106,9 +107,43 @@ def _open_store(uri: str, experiment: str) -> str:
     )
     try:
         with lock:
-            return mlflow.set_experiment(experiment).experiment_id
+            client = mlflow.MlflowClient(uri)
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                return client.create_experiment(experiment)
     except Exception as err:  # mlflow raises many types for a bad store
         raise TrackingError(f"cannot open MLflow store {uri}: {err}") from None
+    if found.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment {experiment!r} is deleted in {uri}. Restore it "
+            f"(`mlflow experiments restore --experiment-id {found.experiment_id}`) "
+            "or choose another name with tracking.experiment=..."
+        )
+    return found.experiment_id
+
+
+_stores: dict[tuple[str, str], Future] = {}
+
+
+def open_store_early(cfg: Config) -> None:
+    """Start importing MLflow and opening the store in a background thread, so it overlaps
+    TensorFlow's import and the data loading; `tracked_run` waits for it. Once per process:
+    later sweep jobs and folds reuse the open store."""
+    key = (tracking_uri(cfg), experiment_name(cfg))
+    if key not in _stores:
+        _stores[key] = ThreadPoolExecutor(1, thread_name_prefix="mlflow-store").submit(
+            _open_store, *key
+        )
+
+
+def _experiment_id(cfg: Config) -> str:
+    open_store_early(cfg)
+    future = _stores[(tracking_uri(cfg), experiment_name(cfg))]
+    try:
+        return future.result()
+    except BaseException:
+        _stores.clear()  # let the next attempt retry instead of replaying the error
+        raise
 
 
 @contextlib.contextmanager
@@ -132,8 +167,8 @@ def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
     """An MLflow run for one stage, with the config as params and provenance tags."""
     import mlflow
 
-    uri = tracking_uri(cfg)
-    experiment_id = _open_store(uri, experiment_name(cfg))
+    experiment_id = _experiment_id(cfg)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
     tags = {"stage": stage, "dataset": cfg.dataset.name, "dataset_sha256": dataset_sha256}
     tags.update(hydra_tags())
     if commit := _git_commit():

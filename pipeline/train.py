@@ -43,19 +43,21 @@ def history_rows(history: dict[str, list[float]], **extra: int) -> list[dict[str
 
 def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     """Train, evaluate, save and log one model; returns the metrics written to train.json."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import infer_signature
+    from pipeline.tracking import open_store_early, run_record, tracked_run
+
+    open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
     from pipeline.model import build_model, fit, model_requirements, new_session
     from pipeline.plots import history_curves
-    from pipeline.tracking import run_record, tracked_run
 
     train_split = load_split(prepared_dir / "train.npz")
     test_split = load_split(prepared_dir / "test.npz")
     dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
-    new_session(cfg.seed, cfg.deterministic)
+    new_session(cfg.seed, cfg.deterministic, cfg.threads)
     network = build_model(cfg.model, cfg.width, train_split.x.shape[1], train_split.image_shape)
+
+    import mlflow
+    from mlflow.models import infer_signature
 
     with tracked_run(cfg, "train", dataset_sha) as run:
         started = time.perf_counter()
@@ -99,7 +101,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
             mlflow.tensorflow.log_model(
                 network,
                 name="model",
-                signature=infer_signature(sample, probabilities[:5].astype(np.float32)),
+                signature=infer_signature(sample, probabilities[:5]),
                 input_example=sample,
                 pip_requirements=model_requirements(),
             )
