@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -110,7 +111,8 @@ def _open_store(uri: str, experiment: str) -> str:
             client = mlflow.MlflowClient(uri)
             found = client.get_experiment_by_name(experiment)
             if found is None:
-                return client.create_experiment(experiment)
+                location = _artifact_location(uri, experiment)
+                return client.create_experiment(experiment, artifact_location=location)
     except Exception as err:  # mlflow raises many types for a bad store
         raise TrackingError(f"cannot open MLflow store {uri}: {err}") from None
     if found.lifecycle_stage == "deleted":
@@ -120,6 +122,15 @@ def _open_store(uri: str, experiment: str) -> str:
             "or choose another name with tracking.experiment=..."
         )
     return found.experiment_id
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """A sqlite store keeps artifacts beside it, in mlartifacts/<experiment>/ (MLflow's default
+    would be ./mlruns under whatever directory the first run happened to start in)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None  # a tracking server decides (its --artifacts-destination)
+    folder = re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)
+    return (Path(uri[len(SQLITE_PREFIX) :]).parent / "mlartifacts" / folder).as_uri()
 
 
 _stores: dict[tuple[str, str], Future] = {}

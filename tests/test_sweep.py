@@ -1,0 +1,79 @@
+"""A real Hydra sweep of the train stage (`python -m pipeline.train -m ...`): one MLflow run per
+job in a real sqlite store, grouped by a shared `sweep` tag, each job writing its own outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from run_helpers import history, prepared_digits, project_copy, runs, sqlite_uri, start_cli
+
+EPOCHS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path_factory.mktemp("sweep"))
+    uri = sqlite_uri(project / "mlflow.db")  # the first job creates the store
+    sweep_dir = project / "multirun"
+    process = start_cli(
+        project,
+        "pipeline.train",
+        "-m",
+        f"epochs={','.join(map(str, EPOCHS))}",
+        "dataset=digits",
+        "width=16",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    try:
+        returncode = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = (project / "cli.log").read_text()
+    assert returncode == 0, log
+    found = runs(uri)
+    return {"project": project, "uri": uri, "dir": sweep_dir, "runs": found, "log": log}
+
+
+def by_job(sweep: dict[str, Any]) -> dict[int, Any]:
+    return {int(r.data.tags["sweep_job"]): r for r in sweep["runs"]}
+
+
+def test_one_finished_run_per_job(sweep):
+    assert len(sweep["runs"]) == len(EPOCHS), sweep["log"]
+    assert all(r.info.status == "FINISHED" for r in sweep["runs"])
+    assert sorted(by_job(sweep)) == list(range(len(EPOCHS)))
+
+
+def test_runs_share_one_sweep_tag(sweep):
+    tags = {r.data.tags.get("sweep") for r in sweep["runs"]}
+    assert tags == {str(sweep["dir"])}
+
+
+def test_each_run_trained_with_its_own_epochs(sweep):
+    for job, run in by_job(sweep).items():
+        epochs = EPOCHS[job]
+        assert run.data.params["epochs"] == str(epochs)
+        assert run.data.params["width"] == "16"
+        assert f"epochs={epochs}" in run.data.tags["hydra_overrides"].split()
+        steps = [step for step, _ in history(sweep["uri"], run.info.run_id, "loss")]
+        assert steps == list(range(1, epochs + 1))
+
+
+def test_each_job_writes_its_outputs_into_its_own_folder(sweep):
+    project: Path = sweep["project"]
+    for job, run in by_job(sweep).items():
+        job_dir = sweep["dir"] / str(job)
+        metrics = json.loads((job_dir / "metrics" / "train.json").read_text())
+        assert metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+        assert (job_dir / "models" / "model.keras").is_file()
+        record = json.loads((job_dir / "runs" / "train.json").read_text())
+        assert record["run_id"] == run.info.run_id
+        assert record["config"]["epochs"] == EPOCHS[job]
+    for name in ("metrics", "models", "runs", "plots"):
+        assert not (project / name).exists(), f"a sweep job wrote into the project's {name}/"

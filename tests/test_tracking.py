@@ -1,0 +1,183 @@
+"""How MLflow runs end: FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM, never left
+RUNNING; checked in a real sqlite store, in-process and against a real `python -m pipeline.train`
+process that is sent SIGTERM mid-training."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from run_helpers import (
+    compose,
+    history,
+    isolated_mlflow,
+    new_store,
+    prepared_digits,
+    project_copy,
+    runs,
+    start_cli,
+)
+
+SHA = "0" * 64
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def store(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return new_store(tmp_path_factory, tmp_path)
+
+
+def settings(uri: str):
+    return compose("dataset=digits", "epochs=4", f"tracking.uri={uri}")
+
+
+def test_a_run_that_completes_ends_finished_with_params_and_tags(store: str, tmp_path: Path):
+    from pipeline.tracking import tracked_run
+
+    with isolated_mlflow(tmp_path), tracked_run(settings(store), "train", SHA) as run:
+        import mlflow
+
+        assert mlflow.active_run().info.run_id == run.info.run_id
+        mlflow.log_metric("loss", 1.5, step=1)
+    [found] = runs(store)
+    assert found.info.run_id == run.info.run_id
+    assert found.info.status == "FINISHED"
+    assert found.data.params["epochs"] == "4"
+    assert found.data.tags["stage"] == "train"
+    assert found.data.tags["dataset_sha256"] == SHA
+    assert history(store, run.info.run_id, "loss") == [(1, 1.5)]
+
+
+def _run_that_raises(uri: str, cwd: Path, error: BaseException) -> None:
+    from pipeline.tracking import tracked_run
+
+    with isolated_mlflow(cwd), tracked_run(settings(uri), "train", SHA):
+        raise error
+
+
+def _stage_terminated() -> BaseException:
+    from pipeline.stage import Terminated
+
+    return Terminated("received signal 15")
+
+
+@pytest.mark.parametrize(
+    ("make_error", "status"),
+    [
+        (lambda: Boom("fit failed"), "FAILED"),
+        (lambda: KeyboardInterrupt(), "KILLED"),
+        (_stage_terminated, "KILLED"),
+    ],
+    ids=["error", "ctrl-c", "sigterm"],
+)
+def test_a_run_that_raises_is_ended_and_the_error_propagates(
+    store: str, tmp_path: Path, make_error, status: str
+):
+    import mlflow
+
+    error = make_error()
+    with pytest.raises(type(error)):
+        _run_that_raises(store, tmp_path, error)
+    assert mlflow.active_run() is None
+    [found] = runs(store)
+    assert found.info.status == status
+    assert found.info.end_time is not None
+    assert found.data.params["epochs"] == "4"  # the run had started and logged its config
+
+
+def test_a_failing_fold_fails_its_child_run_and_the_parent(store: str, tmp_path: Path):
+    import mlflow
+
+    from pipeline.tracking import child_run, tracked_run
+
+    started = {}
+    with (
+        pytest.raises(Boom),
+        isolated_mlflow(tmp_path),
+        tracked_run(settings(store), "crossval", SHA) as parent,
+    ):
+        with child_run("fold 1", {"fold": "1"}) as first:
+            mlflow.log_metric("fold_accuracy", 0.5)
+        with child_run("fold 2", {"fold": "2"}) as second:
+            started["second"] = second.info.run_id
+            raise Boom("fold 2 failed")
+    assert mlflow.active_run() is None
+    by_id = {r.info.run_id: r for r in runs(store)}
+    assert len(by_id) == 3
+    assert by_id.pop(parent.info.run_id).info.status == "FAILED"
+    assert by_id.pop(first.info.run_id).info.status == "FINISHED"
+    second = by_id.pop(started["second"])
+    assert not by_id
+    assert second.data.tags["fold"] == "2"
+    assert second.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert second.info.status == "FAILED"
+
+
+def test_an_unreachable_tracking_server_fails_before_a_run_starts(tmp_path: Path):
+    from pipeline.errors import TrackingError
+    from pipeline.tracking import tracked_run
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens once the socket is closed
+    cfg = settings(f"http://127.0.0.1:{port}")
+    entered = False
+    with (
+        pytest.raises(TrackingError, match="unreachable"),
+        isolated_mlflow(tmp_path),
+        tracked_run(cfg, "train", SHA),
+    ):
+        entered = True
+    assert not entered
+
+
+# --------------------------------------------------------------------------- SIGTERM, for real
+
+
+def _wait_for_training(uri: str, process, deadline: float):
+    """The run once it is RUNNING and has logged its first epoch; fails if the process exits."""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the training process exited early with {process.returncode}")
+        found = runs(uri)
+        running = [r for r in found if r.info.status == "RUNNING"]
+        if running and history(uri, running[0].info.run_id, "loss"):
+            return running[0]
+        time.sleep(0.5)
+    pytest.fail("no RUNNING run with a logged epoch appeared in time")
+
+
+def test_sigterm_kills_the_run_and_keeps_no_outputs(tmp_path, tmp_path_factory):
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
+    uri = new_store(tmp_path_factory, project)  # made beforehand: polling never races migrations
+    process = start_cli(
+        project, "pipeline.train", "dataset=digits", "epochs=200", f"tracking.uri={uri}"
+    )
+    try:
+        run = _wait_for_training(uri, process, time.monotonic() + 90)
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = (project / "cli.log").read_text()
+    assert returncode == 143, log
+    assert "interrupted" in log
+    [found] = runs(uri)
+    assert found.info.run_id == run.info.run_id
+    assert found.info.status == "KILLED"
+    assert found.info.end_time is not None
+    epochs_done = len(history(uri, run.info.run_id, "loss"))
+    assert 1 <= epochs_done < 200
+    assert not (project / "models" / "model.keras").exists()
+    assert not (project / "metrics" / "train.json").exists()
+    assert not (project / "runs" / "train.json").exists()
+    leftovers = [p for p in project.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
