@@ -51,11 +51,11 @@ def peak_child_rss_mib() -> float:
 
 
 def workdir(args: argparse.Namespace) -> Path:
-    """A copy of the project (code, conf, dvc.yaml) as its own git repo, with prepared data."""
-    if args.workdir and (Path(args.workdir) / "data" / "prepared" / "train.npz").exists():
-        return Path(args.workdir)
+    """A copy of the project's current code, conf and dvc.yaml as its own git repo, with
+    prepared data. An existing work dir gets the current code and keeps its data."""
     target = Path(args.workdir or f"/tmp/digit-bench-{args.dataset}")
-    if target.exists():
+    prepared = (target / "data" / "prepared" / "train.npz").exists()
+    if not prepared and target.exists():
         shutil.rmtree(target)
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
@@ -76,23 +76,15 @@ def workdir(args: argparse.Namespace) -> Path:
         overrides.append(f"dataset.mirrors=[{args.mirror}]")
     py = sys.executable
     run([py, "-m", "pipeline.params", *overrides], target)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        [
-            "git",
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@localhost",
-            "commit",
-            "-qm",
-            "bench",
-        ],
-    ):
-        run(cmd, target)
-    run([py, "-m", "pipeline.fetch", "--config-dir", ".", "--config-name", "params"], target)
-    run([py, "-m", "pipeline.preprocess", "--config-dir", ".", "--config-name", "params"], target)
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
+        run(cmd, target, check=False)  # nothing to commit on a reused work dir is fine
+    if not prepared:
+        for stage in ("fetch", "preprocess"):
+            run(
+                [py, "-m", f"pipeline.{stage}", "--config-dir", ".", "--config-name", "params"],
+                target,
+            )
     return target
 
 

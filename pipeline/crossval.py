@@ -47,7 +47,13 @@ def fold_indices(labels: np.ndarray, cfg: Config) -> list[tuple[np.ndarray, np.n
 
 def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     """Run k-fold CV; returns the metrics written to crossval.json."""
-    from pipeline.tracking import child_run, open_store_early, run_record, tracked_run
+    from pipeline.tracking import (
+        child_run,
+        open_store_early,
+        run_record,
+        store_errors,
+        tracked_run,
+    )
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
@@ -89,8 +95,9 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
         fold_boxplot(accuracies, plots_dir / "boxplot.png")
         write_json(out_root / paths.METRICS_DIR / "crossval.json", metrics)
 
-        mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
-        mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+        with store_errors(cfg, f"{out_root / paths.METRICS_DIR / 'crossval.json'}, {plots_dir}"):
+            mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+            mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, cfg))
     log.info(
         "%d-fold accuracy %.4f ± %.4f", cfg.folds, metrics["accuracy_mean"], metrics["accuracy_std"]

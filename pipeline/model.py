@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -11,6 +12,8 @@ import numpy as np
 
 from pipeline.config import Config, ConfigError, ModelConfig
 from pipeline.stage import quiet_stderr
+
+log = logging.getLogger(__name__)
 
 with quiet_stderr():
     import keras
@@ -116,12 +119,26 @@ def model_requirements() -> list[str]:
 
 
 class EpochMetricsLogger(keras.callbacks.Callback):
-    """Log each epoch's metrics to the active MLflow run, with step = epoch (1-based)."""
+    """Log each epoch's metrics to the active MLflow run, with step = epoch (1-based).
+
+    If the store fails mid-training, training goes on (its results are saved locally); the
+    stage reports the tracking failure when it logs the final results.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+        if self.failed:
+            return
+        try:
+            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+        except Exception as err:
+            self.failed = True
+            log.warning("MLflow logging failed (%s); training continues without it", err)
 
 
 def fit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -15,8 +16,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline.config import Config
-from pipeline.errors import TrackingError
+from pipeline.errors import PipelineError, TrackingError
 
+log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
 
 
@@ -162,15 +164,37 @@ def _ended_with_status() -> Iterator[None]:
     """End the active run FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on any other error."""
     import mlflow
 
+    def end(status: str) -> None:
+        try:
+            mlflow.end_run(status)
+        except Exception as err:  # the store itself failed: keep the original error visible
+            log.warning("could not mark the MLflow run %s: %s", status, err)
+
     try:
         yield
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        end("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        end("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def store_errors(cfg: Config, saved: str) -> Iterator[None]:
+    """Turn a failure of the MLflow store while logging results into a TrackingError that says
+    the results are safe on disk (`saved`) and how to log them again."""
+    try:
+        yield
+    except (PipelineError, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        raise TrackingError(
+            f"the results are saved ({saved}) but logging them to MLflow at "
+            f"{tracking_uri(cfg)} failed: {err}. Re-run the stage once the store is reachable "
+            "(`dvc repro` re-runs it, as it did not finish) to log them again."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -185,7 +209,8 @@ def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
     if commit := _git_commit():
         tags["git_commit"] = commit
     run_name = f"{stage} {tags.get('hydra_overrides', '')}".strip()  # e.g. "train epochs=10"
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    with store_errors(cfg, "nothing yet: the stage has not started"):
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     with _ended_with_status():
         mlflow.log_params(config_params(cfg))
         yield run

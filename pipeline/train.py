@@ -43,7 +43,7 @@ def history_rows(history: dict[str, list[float]], **extra: int) -> list[dict[str
 
 def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     """Train, evaluate, save and log one model; returns the metrics written to train.json."""
-    from pipeline.tracking import open_store_early, run_record, tracked_run
+    from pipeline.tracking import open_store_early, run_record, store_errors, tracked_run
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
@@ -92,19 +92,20 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
         )
         write_json(out_root / paths.METRICS_DIR / "train.json", metrics)
 
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")})
-        mlflow.log_metrics({"fit_seconds": fit_seconds})
-        mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
-        sample = test_split.x[:5]
-        # MLflow validates the input example by predicting it; keep Keras' progress bar quiet.
-        with contextlib.redirect_stdout(io.StringIO()):
-            mlflow.tensorflow.log_model(
-                network,
-                name="model",
-                signature=infer_signature(sample, probabilities[:5]),
-                input_example=sample,
-                pip_requirements=model_requirements(),
-            )
+        with store_errors(cfg, f"{model_path}, {out_root / paths.METRICS_DIR / 'train.json'}"):
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")})
+            mlflow.log_metrics({"fit_seconds": fit_seconds})
+            mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
+            sample = test_split.x[:5]
+            # MLflow validates the input example by predicting it; keep Keras' progress quiet.
+            with contextlib.redirect_stdout(io.StringIO()):
+                mlflow.tensorflow.log_model(
+                    network,
+                    name="model",
+                    signature=infer_signature(sample, probabilities[:5]),
+                    input_example=sample,
+                    pip_requirements=model_requirements(),
+                )
         write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, cfg))
     log.info(
         "test accuracy %.4f, loss %.4f (%.1f s, run %s)",
