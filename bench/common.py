@@ -50,9 +50,10 @@ def peak_child_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def workdir(args: argparse.Namespace) -> Path:
+def workdir(args: argparse.Namespace, prepare: bool = True) -> Path:
     """A copy of the project's current code, conf and dvc.yaml as its own git repo, with
-    prepared data. An existing work dir gets the current code and keeps its data."""
+    prepared data (unless `prepare` is false). An existing work dir gets the current code and
+    keeps its data."""
     target = Path(args.workdir or f"/tmp/digit-bench-{args.dataset}")
     prepared = (target / "data" / "prepared" / "train.npz").exists()
     if not prepared and target.exists():
@@ -70,7 +71,7 @@ def workdir(args: argparse.Namespace) -> Path:
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target / name)
     overrides = [f"dataset={args.dataset}"]
-    if args.dataset != "digits":
+    if args.dataset != "digits" and args.mirror:
         if not Path(args.mirror).exists() and "://" not in args.mirror:
             sys.exit(f"no MNIST mirror at {args.mirror}: pass --mirror or --dataset digits")
         overrides.append(f"dataset.mirrors=[{args.mirror}]")
@@ -79,7 +80,7 @@ def workdir(args: argparse.Namespace) -> Path:
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
         run(cmd, target, check=False)  # nothing to commit on a reused work dir is fine
-    if not prepared:
+    if prepare and not prepared:
         for stage in ("fetch", "preprocess"):
             run(
                 [py, "-m", f"pipeline.{stage}", "--config-dir", ".", "--config-name", "params"],

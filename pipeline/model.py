@@ -73,6 +73,16 @@ def _optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
         ) from None
 
 
+def _check_activation(model: ModelConfig) -> None:
+    try:
+        keras.activations.get(model.activation)
+    except ValueError:
+        raise ConfigError(
+            f"model.activation={model.activation!r} is not a Keras activation. "
+            "Fix: use e.g. relu, tanh, sigmoid, gelu"
+        ) from None
+
+
 def build_model(model: ModelConfig, width: int, input_dim: int, image_shape: tuple[int, int]):
     """A compiled Keras model taking flattened pixels (so every model has one input format).
 
@@ -81,6 +91,7 @@ def build_model(model: ModelConfig, width: int, input_dim: int, image_shape: tup
     of `filters` a 3x3 Conv + 2x2 MaxPool, then the same dense head.
     """
     check_memory(model, width, input_dim)
+    _check_activation(model)
     inputs = keras.Input(shape=(input_dim,), name="pixels")
     x = inputs
     if model.name == "cnn":

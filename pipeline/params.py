@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.files import atomic_path
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PARAMS_FILE = CONF_DIR.parent / "params.yaml"
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print("params.yaml matches conf/")
         return 0
     if current != expected:
-        PARAMS_FILE.write_text(expected, encoding="utf-8")
+        with atomic_path(PARAMS_FILE) as tmp:
+            tmp.write_text(expected, encoding="utf-8")
         print(f"wrote {PARAMS_FILE}")
     return 0
 

@@ -116,11 +116,13 @@ def _open_store(uri: str, experiment: str) -> str:
                 location = _artifact_location(uri, experiment)
                 return client.create_experiment(experiment, artifact_location=location)
     except Exception as err:  # mlflow raises many types for a bad store
-        raise TrackingError(f"cannot open MLflow store {uri}: {err}") from None
+        reason = str(err).splitlines()[0]  # SQLAlchemy appends the SQL and a help link
+        raise TrackingError(f"cannot open MLflow store {uri}: {reason}") from None
     if found.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {experiment!r} is deleted in {uri}. Restore it "
-            f"(`mlflow experiments restore --experiment-id {found.experiment_id}`) "
+            f"(`MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
+            f"--experiment-id {found.experiment_id}`) "
             "or choose another name with tracking.experiment=..."
         )
     return found.experiment_id
@@ -192,8 +194,8 @@ def store_errors(cfg: Config, saved: str) -> Iterator[None]:
     except Exception as err:
         raise TrackingError(
             f"the results are saved ({saved}) but logging them to MLflow at "
-            f"{tracking_uri(cfg)} failed: {err}. Re-run the stage once the store is reachable "
-            "(`dvc repro` re-runs it, as it did not finish) to log them again."
+            f"{tracking_uri(cfg)} failed: {str(err).splitlines()[0]}. Re-run the stage once the "
+            "store is reachable (`dvc repro` re-runs it, as it did not finish) to log them again."
         ) from None
 
 

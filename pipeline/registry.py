@@ -1,0 +1,185 @@
+"""Register a trained model in the MLflow Model Registry and point an alias at it.
+
+    python -m pipeline.registry                        # the model of the run in runs/train.json
+    python -m pipeline.registry runs:/<run id>/model   # any logged model
+        [--name digit-classifier] [--alias champion] [--tracking-uri URI]
+
+The model is then loadable (and servable) as `models:/digit-classifier@champion`:
+
+    python -m pipeline.predict --model models:/digit-classifier@champion digit.png
+    mlflow models serve -m models:/digit-classifier@champion --env-manager local
+
+Also the MLflow helpers `pipeline.predict` shares: which store to use, and MLflow's exceptions
+turned into one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import paths
+from pipeline.errors import PipelineError, TrackingError
+from pipeline.files import read_json
+from pipeline.tracking import SQLITE_PREFIX
+
+DEFAULT_NAME = "digit-classifier"
+DEFAULT_ALIAS = "champion"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRAIN_RECORD = paths.RUNS_DIR / "train.json"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The store to use: `uri` if given, else MLFLOW_TRACKING_URI, else the project's
+    sqlite:///mlflow.db. A relative sqlite path is made absolute (relative to the working
+    directory, the project root), as the pipeline's stages do."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith(SQLITE_PREFIX):
+        db = Path(uri[len(SQLITE_PREFIX) :])
+        if not db.is_absolute():
+            uri = SQLITE_PREFIX + str(db.resolve())
+    return uri
+
+
+def check_store(uri: str) -> None:
+    """Fail with a clear message instead of letting MLflow create an empty sqlite store, or
+    retry an unreachable server for minutes."""
+    if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_file():
+        raise TrackingError(
+            f"MLflow store {uri} does not exist. Train a model first (`dvc repro` or "
+            "`python -m pipeline.train`), or name the store with --tracking-uri or "
+            "MLFLOW_TRACKING_URI."
+        )
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+                pass
+        except OSError as err:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({err}). Start it, or name another "
+                "store with --tracking-uri or MLFLOW_TRACKING_URI."
+            ) from None
+
+
+@contextlib.contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """Make `uri` MLflow's store (tracking and, by default, registry) for the block, then restore
+    the previous one exactly. mlflow.register_model and mlflow.pyfunc.load_model take no store
+    argument, and mlflow.set_tracking_uri alone would also leave MLFLOW_TRACKING_URI exported to
+    every later subprocess."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
+
+
+def mlflow_message(err: Exception) -> str:
+    """The first line of an MLflow error (its messages can run to pages)."""
+    message = getattr(err, "message", None) or str(err) or type(err).__name__
+    return str(message).strip().splitlines()[0]
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    alias: str
+    source: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}"
+
+
+def register(
+    model_uri: str,
+    name: str = DEFAULT_NAME,
+    alias: str = DEFAULT_ALIAS,
+    tracking_uri: str | None = None,
+) -> Registered:
+    """Register `model_uri` (e.g. runs:/<id>/model) as a new version of `name` and point `alias`
+    at that version. The registry is the tracking store's own."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_store(uri)
+    try:
+        with using_store(uri):
+            version = mlflow.register_model(model_uri, name)
+        mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
+            name, alias, version.version
+        )
+    except MlflowException as err:
+        raise TrackingError(
+            f"cannot register {model_uri} as {name!r} in {uri}: {mlflow_message(err)}"
+        ) from None
+    return Registered(name=name, version=str(version.version), alias=alias, source=model_uri)
+
+
+def recorded_run(record: Path = TRAIN_RECORD) -> tuple[str, str]:
+    """(model URI, tracking URI) of the train run recorded in runs/train.json."""
+    if not record.is_file():
+        raise PipelineError(
+            f"{record} is missing: no trained model to register. Run `dvc repro` or "
+            "`python -m pipeline.train`, or name a model: python -m pipeline.registry "
+            "runs:/<run id>/model"
+        )
+    data = read_json(record)
+    return f"runs:/{data['run_id']}/model", data["tracking_uri"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.registry",
+        description="Register a trained model in the MLflow Model Registry and set an alias.",
+    )
+    parser.add_argument(
+        "model_uri",
+        nargs="?",
+        help="the model to register, e.g. runs:/<run id>/model "
+        f"(default: the run recorded in {TRAIN_RECORD})",
+    )
+    parser.add_argument("--name", default=DEFAULT_NAME, help="registered model name (%(default)s)")
+    parser.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (%(default)s)")
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; with no "
+        f"model_uri, the store recorded in {TRAIN_RECORD})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # MLflow 3 warns that runs:/<id>/model "has no artifacts" while it registers the run's
+    # logged model correctly; that only confuses.
+    logging.getLogger("mlflow.tracking._model_registry.fluent").setLevel(logging.ERROR)
+    try:
+        model_uri, tracking_uri = args.model_uri, args.tracking_uri
+        if model_uri is None:
+            model_uri, recorded_uri = recorded_run()
+            tracking_uri = tracking_uri or recorded_uri
+        registered = register(model_uri, args.name, args.alias, tracking_uri)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(
+        f"registered {registered.source} as {registered.name} version {registered.version}; "
+        f"{registered.uri} points at it"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
