@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import sys
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.errors import PipelineError, TrackingError
 from pipeline.files import read_json
-from pipeline.tracking import SQLITE_PREFIX
+from pipeline.tracking import SQLITE_PREFIX, check_server
 
 DEFAULT_NAME = "digit-classifier"
 DEFAULT_ALIAS = "champion"
@@ -58,14 +57,7 @@ def check_store(uri: str) -> None:
             "MLFLOW_TRACKING_URI."
         )
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
-                pass
-        except OSError as err:
-            raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({err}). Start it, or name another "
-                "store with --tracking-uri or MLFLOW_TRACKING_URI."
-            ) from None
+        check_server(uri, "or name another store with --tracking-uri or MLFLOW_TRACKING_URI")
 
 
 @contextlib.contextmanager

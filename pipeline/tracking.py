@@ -39,15 +39,16 @@ def experiment_name(cfg: Config) -> str:
     return cfg.tracking.experiment or f"digits-{cfg.dataset.name}"
 
 
-def _check_server(uri: str) -> None:
-    """Fail before any training when a tracking server is unreachable."""
+def check_server(
+    uri: str, fix: str = "fix tracking.uri, or use the local store with tracking=local"
+) -> None:
+    """Fail early (before any training) when a tracking server is unreachable."""
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
             pass
     except OSError as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({err}). Start it, fix tracking.uri, "
-            "or use the local store with tracking=local."
+            f"MLflow tracking server {uri} is unreachable ({err}). Start it, {fix}."
         ) from None
 
 
@@ -102,7 +103,7 @@ def _open_store(uri: str, experiment: str) -> str:
     from filelock import FileLock
 
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        check_server(uri)
     lock = (
         FileLock(uri[len(SQLITE_PREFIX) :] + ".lock")
         if uri.startswith(SQLITE_PREFIX)
