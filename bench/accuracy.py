@@ -42,14 +42,16 @@ def main() -> None:
                 "s_per_epoch": m["seconds_per_epoch"],
             }
         )
-    accuracies = [r["test_accuracy"] for r in rows]
-    rows.append(
-        {
-            "run": "mlp mean",
-            "test_accuracy": statistics.mean(accuracies),
-            "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in rows),
-        }
-    )
+    if rows:
+        accuracies = [r["test_accuracy"] for r in rows]
+        mean_epoch = statistics.mean(r["s_per_epoch"] for r in rows)
+        rows.append(
+            {
+                "run": "mlp mean",
+                "test_accuracy": statistics.mean(accuracies),
+                "s_per_epoch": mean_epoch,
+            }
+        )
     if not args.no_crossval:
         common.run([sys.executable, "-m", "pipeline.crossval", *base], work)
         cv = json.loads((work / "metrics" / "crossval.json").read_text())

@@ -13,6 +13,7 @@ METRICS_DIR = Path("metrics")  # train.json, crossval.json (dvc metrics)
 PLOTS_DIR = Path("plots")  # history CSVs and figures (dvc plots)
 RUNS_DIR = Path("runs")  # which MLflow run produced the outputs
 REPORTS_DIR = Path("reports")  # report.html, report.md
+COMPARE_DIR = Path("compare")  # pipeline.compare's tables (not a DVC output: kept out of reports/)
 
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"

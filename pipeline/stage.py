@@ -9,7 +9,9 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from pipeline.config import Config, validate
@@ -60,6 +62,22 @@ def output_root() -> Path:
     return Path(".")
 
 
+class SweepJobFailed(CompactHydraException):
+    """A known failure inside a sweep (-m) job. Raised there instead of SystemExit so Hydra marks
+    only that job failed, lets the other jobs finish, then prints the message (no traceback) and
+    exits 1. A SystemExit escapes Hydra's per-job handling: under the joblib launcher, loky then
+    SIGKILLs the jobs still running, and their MLflow runs stay RUNNING forever."""
+
+
+def _fail(message: str) -> NoReturn:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise SweepJobFailed(message) from None
+    raise SystemExit(message) from None
+
+
 def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
     """Validate `cfg` before any work, run `stage`, and turn known failures into one clear line."""
     try:
@@ -67,14 +85,14 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
         with sigterm_as_interrupt():
             stage(settings)
     except PipelineError as err:
-        raise SystemExit(f"error: {err}") from None
+        _fail(f"error: {err}")
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise SystemExit(
+        _fail(
             f"error: no space left on the device ({err}). Nothing partial was kept: free some "
             "space and run the stage again."
-        ) from None
+        )
     except KeyboardInterrupt as err:
         print(f"interrupted ({err or 'Ctrl-C'}); no partial outputs were kept", file=sys.stderr)
         sys.exit(143 if isinstance(err, Terminated) else 130)

@@ -1,0 +1,438 @@
+"""`python -m pipeline.compare`: the statistics on hand-checkable numbers, then a real crossval
+sweep (a Hydra multirun subprocess on the digits data, a real sqlite MLflow store) compared and
+checked against fold accuracies read back from MLflow independently of pipeline.compare."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scipy import stats
+
+from pipeline.compare import (
+    CompareError,
+    Comparison,
+    ConfigRun,
+    compare_runs,
+    main,
+    paired_t_test,
+    run_compare,
+    summarize,
+    to_markdown,
+    welch_t_test,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TABLE_HEADER = (
+    "| rank | config | folds | mean | std | 95% CI | Δ vs best | p | test | verdict | run |"
+)
+NOT_SIGNIFICANT = "not significantly different from the best (p >= 0.05)"
+SIGNIFICANT = "significantly worse than the best (p < 0.05)"
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_summary_on_hand_checked_numbers():
+    s = summarize([0.8, 0.9, 1.0])
+    assert (s.n, s.mean, s.std) == (3, pytest.approx(0.9), pytest.approx(0.1))
+    # t(0.975, df=2) = 4.302653; half width = 4.302653 * 0.1 / sqrt(3) = 0.248414
+    assert s.half_width == pytest.approx(0.248414, abs=1e-6)
+    assert (s.ci_low, s.ci_high) == (pytest.approx(0.651586, abs=1e-6), pytest.approx(1.148414))
+
+
+def test_interval_is_wider_for_fewer_folds():
+    # Same mean and spread of values; 3 folds vs 6 (t(0.975, 5) = 2.570582, std = 0.089443).
+    few, many = summarize([0.8, 0.9, 1.0]), summarize([0.8, 0.9, 1.0] * 2)
+    assert many.half_width == pytest.approx(2.570582 * 0.089443 / math.sqrt(6), abs=1e-6)
+    assert few.half_width > 2 * many.half_width
+    assert few.ci_low < few.mean < few.ci_high
+
+
+def test_summary_needs_two_scores():
+    with pytest.raises(ValueError, match="at least 2"):
+        summarize([0.9])
+
+
+def test_paired_t_test_pairs_by_fold_number():
+    # Differences per fold: 0.20, 0.05, 0.25 -> mean 1/6, sd 0.104083, t = 2.773501 (df 2).
+    a = {1: 0.90, 2: 0.80, 3: 0.85}
+    b = {3: 0.60, 1: 0.70, 2: 0.75}  # order must not matter: pairs are by fold number
+    result = paired_t_test(a, b)
+    assert result.test == "paired t"
+    assert result.statistic == pytest.approx(2.773501, abs=1e-6)
+    assert result.df == 2
+    assert result.p_value == pytest.approx(stats.ttest_rel([0.9, 0.8, 0.85], [0.7, 0.75, 0.6])[1])
+    assert result.p_value == pytest.approx(0.109129, abs=1e-6)
+
+
+def test_identical_folds_are_no_evidence_of_a_difference():
+    result = paired_t_test({1: 0.9, 2: 0.8}, {1: 0.9, 2: 0.8})
+    assert (result.statistic, result.p_value) == (0.0, 1.0)  # scipy alone would give nan
+
+
+def test_paired_t_test_refuses_unmatched_folds():
+    with pytest.raises(ValueError, match="folds differ"):
+        paired_t_test({1: 0.9, 2: 0.8}, {1: 0.9, 3: 0.8})
+
+
+def test_welch_t_test_on_hand_checked_numbers():
+    a, b = [0.90, 0.80, 0.85], [0.70, 0.75, 0.60]
+    va, vb = 0.0025, 0.0058333333  # sample variances
+    se2 = va / 3 + vb / 3
+    t = (0.85 - 0.6833333333) / math.sqrt(se2)
+    df = se2**2 / ((va / 3) ** 2 / 2 + (vb / 3) ** 2 / 2)
+    result = welch_t_test(a, b)
+    assert result.test == "Welch t"
+    assert result.statistic == pytest.approx(t, rel=1e-6)
+    assert result.df == pytest.approx(df, rel=1e-6)
+    assert result.p_value == pytest.approx(2 * stats.t.sf(t, df), rel=1e-6)
+
+
+def _run(run_id: str, folds: list[float], start: int = 0, **params: Any) -> ConfigRun:
+    base = {"width": "64", "epochs": "5", "folds": str(len(folds)), "seed": "42"}
+    base.update({"crossval.shuffle": "True", "crossval.stratified": "False"})
+    base.update({k.replace("__", "."): str(v) for k, v in params.items()})
+    return ConfigRun(
+        run_id=run_id,
+        experiment_id="1",
+        start_time=start,
+        params=base,
+        tags={"dataset_sha256": "abc", "hydra_overrides": "width=1 epochs=1"},
+        folds=dict(enumerate(folds, start=1)),
+    )
+
+
+def test_ranking_labels_and_verdicts_without_mlflow():
+    comparison = compare_runs(
+        [
+            _run("a", [0.80, 0.82, 0.81], width=8),
+            _run("b", [0.95, 0.96, 0.94], width=512),
+            _run("c", [0.94, 0.97, 0.93], width=256),
+        ]
+    )
+    assert [r.run.run_id for r in comparison.rows] == ["b", "c", "a"]
+    assert [r.rank for r in comparison.rows] == [1, 2, 3]
+    assert [r.label for r in comparison.rows] == ["width=512", "width=256", "width=8"]
+    assert [comparison.verdict(r) for r in comparison.rows] == [
+        "best",
+        NOT_SIGNIFICANT,
+        SIGNIFICANT,
+    ]
+    markdown = to_markdown(comparison)
+    assert TABLE_HEADER in markdown
+    assert "| 3 | width=8 | 3 | 0.8100 | 0.0100 |" in markdown
+
+
+def test_different_fold_assignments_fall_back_to_welch_with_a_note():
+    comparison = compare_runs(
+        [_run("a", [0.95, 0.96, 0.94], seed=1), _run("b", [0.90, 0.91, 0.92], seed=2)]
+    )
+    worse = comparison.rows[1]
+    assert worse.test is not None and worse.test.test == "Welch t"
+    assert "seed 2 vs 1" in worse.note
+    expected = stats.ttest_ind([0.90, 0.91, 0.92], [0.95, 0.96, 0.94], equal_var=False)
+    assert worse.test.p_value == pytest.approx(expected.pvalue)
+
+
+def test_a_repeated_config_counts_once_newest_run():
+    comparison = compare_runs(
+        [
+            _run("old", [0.1, 0.2, 0.3], start=1, width=64),
+            _run("new", [0.9, 0.8, 0.85], start=2, width=64),
+            _run("other", [0.5, 0.6, 0.55], start=3, width=8),
+        ]
+    )
+    assert [r.run.run_id for r in comparison.rows] == ["new", "other"]
+    assert any("old" in note and "newest" in note for note in comparison.notes)
+
+
+def test_a_config_with_one_fold_is_refused():
+    with pytest.raises(CompareError, match=r"width=8 .*has 1 finished fold"):
+        compare_runs([_run("a", [0.9, 0.8], width=64), _run("b", [0.5], width=8)])
+
+
+# --------------------------------------------------------------------------- a real sweep
+
+# One Hydra multirun, four jobs with hand-picked combinations (a config group added through
+# hydra.searchpath, since a sweep over width=... x epochs=... is a full cross product):
+COMBOS = {
+    "best": {"width": 64, "epochs": 5, "folds": 3},
+    # Identical training: crossval passes each fold's validation data, so validation_split is
+    # unused. With deterministic=true its folds are bitwise the best's.
+    "clone": {"width": 64, "epochs": 5, "folds": 3, "validation_split": 0.1},
+    "worse": {"width": 4, "epochs": 1, "folds": 3},
+    # Other folds than the best's: not pairable, so Welch's test.
+    "twofold": {"width": 64, "epochs": 2, "folds": 2},
+}
+
+
+@dataclass
+class Sweep:
+    project: Path
+    uri: str
+    sweep: str
+    accuracies: dict[str, dict[int, float]]  # combo -> fold -> fold_accuracy, read back here
+    parents: dict[str, Any]  # combo -> the crossval parent run
+    comparison: Comparison
+    compare_run_id: str | None
+    report: Path
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _python(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _read_back(uri: str, sweep: str) -> tuple[dict[str, Any], dict[str, dict[int, float]]]:
+    """The sweep's crossval parents and their folds' accuracies, read with plain MlflowClient."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    parents, accuracies = {}, {}
+    for run in client.search_runs(ids, f"tags.sweep = '{sweep}' and tags.stage = 'crossval'"):
+        combo = run.data.tags["hydra_overrides"].split("+combo=")[1].split()[0]
+        parents[combo] = run
+        children = client.search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+        )
+        accuracies[combo] = {
+            int(c.data.tags["fold"]): c.data.metrics["fold_accuracy"] for c in children
+        }
+    return parents, accuracies
+
+
+@pytest.fixture(scope="module")
+def sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    project = tmp_path_factory.mktemp("compare")
+    shutil.copytree(digits_prepared, project / "data" / "prepared")
+    combos = project / "extra_conf" / "combo"
+    combos.mkdir(parents=True)
+    for name, values in COMBOS.items():
+        lines = ["# @package _global_", *(f"{k}: {v}" for k, v in values.items())]
+        (combos / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    sweep_dir = project / "multirun"
+    done = _python(
+        project,
+        "pipeline.crossval",
+        "-m",
+        f"+combo={','.join(COMBOS)}",
+        "dataset=digits",
+        "deterministic=true",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.searchpath=[file://{project / 'extra_conf'}]",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    parents, accuracies = _read_back(uri, str(sweep_dir))
+    assert sorted(parents) == sorted(COMBOS), done.stderr
+    comparison, run_id = run_compare(
+        sweep=str(sweep_dir), tracking_uri=uri, output=project / "out" / "compare.md"
+    )
+    return Sweep(
+        project, uri, str(sweep_dir), accuracies, parents, comparison, run_id, project / "out"
+    )
+
+
+def _row(sweep: Sweep, combo: str):
+    run_id = sweep.parents[combo].info.run_id
+    return next(r for r in sweep.comparison.rows if r.run.run_id == run_id)
+
+
+def test_every_job_is_compared_with_its_folds(sweep: Sweep):
+    assert len(sweep.comparison.rows) == len(COMBOS)
+    for combo, values in COMBOS.items():
+        row = _row(sweep, combo)
+        assert row.run.folds == sweep.accuracies[combo]
+        assert row.summary.n == values["folds"]
+        assert f"width={values['width']}" in row.label and f"epochs={values['epochs']}" in row.label
+
+
+def test_configs_are_ranked_by_mean_fold_accuracy(sweep: Sweep):
+    means = {c: sum(a.values()) / len(a) for c, a in sweep.accuracies.items()}
+    ranked = [r.run.run_id for r in sweep.comparison.rows]
+    by_mean = sorted(means, key=lambda c: -means[c])
+    # best and clone tie exactly; the tie is broken by label (validation_split=0.0 first)
+    assert ranked[0] == sweep.parents["best"].info.run_id
+    assert [sweep.parents[c].info.run_id for c in by_mean if c != "clone"] == [
+        r for r in ranked if r != sweep.parents["clone"].info.run_id
+    ]
+    for row in sweep.comparison.rows:
+        assert row.summary.mean == pytest.approx(means[_combo(sweep, row)], abs=1e-12)
+
+
+def _combo(sweep: Sweep, row) -> str:
+    return next(c for c, p in sweep.parents.items() if p.info.run_id == row.run.run_id)
+
+
+def test_intervals_are_student_t_around_the_mean(sweep: Sweep):
+    for row in sweep.comparison.rows:
+        scores = list(sweep.accuracies[_combo(sweep, row)].values())
+        s = row.summary
+        assert s.ci_low < s.mean < s.ci_high
+        n = len(scores)
+        std = stats.tstd(scores)  # ddof=1
+        assert s.std == pytest.approx(std)
+        assert s.half_width == pytest.approx(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+
+
+def test_clearly_worse_config_is_significant_by_the_paired_test(sweep: Sweep):
+    worse, best = sweep.accuracies["worse"], sweep.accuracies["best"]
+    folds = sorted(best)
+    expected = stats.ttest_rel([worse[k] for k in folds], [best[k] for k in folds])
+    row = _row(sweep, "worse")
+    assert row.test is not None and row.test.test == "paired t"
+    assert row.test.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+    assert row.test.p_value < 0.05
+    assert sweep.comparison.verdict(row) == SIGNIFICANT
+
+
+def test_identical_config_is_not_significant(sweep: Sweep):
+    assert sweep.accuracies["clone"] == sweep.accuracies["best"]  # deterministic=true
+    row = _row(sweep, "clone")
+    assert row.test is not None and row.test.test == "paired t"
+    assert row.test.p_value == 1.0
+    assert sweep.comparison.verdict(row) == NOT_SIGNIFICANT
+
+
+def test_other_folds_use_welch_with_a_note(sweep: Sweep):
+    row = _row(sweep, "twofold")
+    expected = stats.ttest_ind(
+        list(sweep.accuracies["twofold"].values()),
+        list(sweep.accuracies["best"].values()),
+        equal_var=False,
+    )
+    assert row.test is not None and row.test.test == "Welch t"
+    assert row.test.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+    assert "folds 2 vs 3" in row.note
+
+
+def test_reports_are_written(sweep: Sweep):
+    markdown = (sweep.report / "compare.md").read_text()
+    assert markdown.startswith(f"# Config comparison: sweep {sweep.sweep}")
+    assert TABLE_HEADER in markdown
+    rows = {line.split(" | ")[1]: line for line in markdown.splitlines() if line[:2] == "| "}
+    for combo, verdict in (("best", "best"), ("clone", NOT_SIGNIFICANT), ("worse", SIGNIFICANT)):
+        row = _row(sweep, combo)
+        assert rows[row.label].endswith(f"| {verdict} | {row.run.run_id[:8]} |")
+    page = (sweep.report / "compare.html").read_text()
+    assert page.startswith("<!doctype html>") and "<table>" in page and 'class="best"' in page
+
+
+def test_comparison_is_logged_as_an_mlflow_run(sweep: Sweep, tmp_path: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=sweep.uri)
+    assert sweep.compare_run_id is not None
+    run = client.get_run(sweep.compare_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "compare"
+    assert run.data.tags["sweep"] == sweep.sweep
+    assert run.info.experiment_id == sweep.parents["best"].info.experiment_id
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert listed == {"compare.md", "compare.html", "compare.json"}
+    path = client.download_artifacts(run.info.run_id, "compare.json", str(tmp_path))
+    logged = json.loads(Path(path).read_text())
+    assert [c["run_id"] for c in logged["configs"]] == [r.run.run_id for r in sweep.comparison.rows]
+
+
+def test_cli_compares_the_latest_sweep(sweep: Sweep):
+    done = _python(sweep.project, "pipeline.compare", "--sweep", "latest", "--no-log")
+    assert done.returncode == 0, done.stderr
+    assert f"# Config comparison: sweep {sweep.sweep}" in done.stdout
+    assert TABLE_HEADER in done.stdout
+    # Defaults: the store ./mlflow.db and compare/compare.{md,html}, relative to the cwd.
+    assert (sweep.project / "compare" / "compare.md").read_text() == done.stdout
+    assert (sweep.project / "compare" / "compare.html").is_file()
+
+
+def test_store_defaults_to_mlflow_tracking_uri(sweep: Sweep, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no mlflow.db here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep.uri)
+    main(["--sweep", "latest", "--no-log", "--output", str(tmp_path / "c.md")])
+    assert f"# Config comparison: sweep {sweep.sweep}" in capsys.readouterr().out
+    assert (tmp_path / "c.md").is_file() and (tmp_path / "c.html").is_file()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert str(exc.value).startswith("error: "), exc.value
+    assert capsys.readouterr().out == ""
+    return str(exc.value)
+
+
+def test_unknown_sweep_names_the_known_ones(sweep: Sweep, capsys):
+    message = _error(capsys, "--sweep", "multirun/nope", "--tracking-uri", sweep.uri, "--no-log")
+    assert "unknown sweep 'multirun/nope'" in message
+    assert sweep.sweep in message
+
+
+def test_unknown_experiment(sweep: Sweep, capsys):
+    message = _error(capsys, "--experiment", "nope", "--tracking-uri", sweep.uri, "--no-log")
+    assert "unknown experiment 'nope'" in message and "digits-digits" in message
+
+
+def test_missing_store(tmp_path: Path, capsys):
+    message = _error(capsys, "--sweep", "latest", "--tracking-uri", f"sqlite:///{tmp_path}/x.db")
+    assert "no MLflow store at" in message
+    assert not (tmp_path / "x.db").exists()  # not created as a side effect
+
+
+def test_sweep_without_crossval_runs_and_a_one_fold_config(sweep: Sweep, capsys):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=sweep.uri)
+    experiment = client.create_experiment("handmade")
+    client.create_run(experiment, tags={"stage": "train", "sweep": "train-only"}, start_time=1)
+    message = _error(capsys, "--sweep", "train-only", "--tracking-uri", sweep.uri, "--no-log")
+    assert "no crossval runs in sweep train-only (it has only train runs)" in message
+    message = _error(capsys, "--experiment", "handmade", "--tracking-uri", sweep.uri, "--no-log")
+    assert "no crossval runs in handmade" in message
+
+    # A finished crossval run of which only one fold run survived.
+    for width in (8, 16):
+        parent = client.create_run(
+            experiment, tags={"stage": "crossval", "sweep": "one-fold"}, start_time=1
+        )
+        client.log_param(parent.info.run_id, "width", width)
+        for fold in (1, 2) if width == 8 else (1,):
+            child = client.create_run(
+                experiment,
+                tags={
+                    "stage": "crossval-fold",
+                    "fold": str(fold),
+                    "mlflow.parentRunId": parent.info.run_id,
+                },
+            )
+            client.log_metric(child.info.run_id, "fold_accuracy", 0.5)
+            client.set_terminated(child.info.run_id)
+        client.set_terminated(parent.info.run_id)
+    message = _error(capsys, "--sweep", "one-fold", "--tracking-uri", sweep.uri, "--no-log")
+    assert "config width=16" in message and "has 1 finished fold run(s)" in message

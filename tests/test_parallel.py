@@ -1,0 +1,140 @@
+"""Hydra sweeps run by the joblib launcher (parallel processes), logging to one local sqlite store.
+
+Four train jobs start on a FRESH store: each is the first to open it as far as it knows, so they
+race to create MLflow's schema ("table ... already exists", "duplicate column", "database is
+locked"; daizutabi/hydraflow#245). pipeline.tracking opens the store under a file lock, so none
+fails. And a sweep with one invalid job: the other jobs must still finish, their runs FINISHED."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WIDTHS = (8, 16, 32, 64)
+RACE_ERRORS = ("database is locked", "duplicate column", "already exists", "Traceback")
+
+
+@dataclass
+class ParallelSweep:
+    project: Path
+    uri: str
+    dir: Path
+    runs: list[Any]
+    done: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def parallel(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> ParallelSweep:
+    project = tmp_path_factory.mktemp("parallel")
+    shutil.copytree(digits_prepared, project / "data" / "prepared")
+    db = project / "fresh.db"
+    uri = f"sqlite:///{db}"
+    sweep_dir = project / "multirun"
+    assert not db.exists()
+    done = _sweep(
+        project,
+        "pipeline.train",
+        f"hydra.launcher.n_jobs={len(WIDTHS)}",
+        "epochs=1",
+        f"width={','.join(map(str, WIDTHS))}",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    return ParallelSweep(project, uri, sweep_dir, _runs(uri), done)
+
+
+def _sweep(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m <stage> -m hydra/launcher=joblib dataset=digits threads=1 <args>` in project.
+    threads=1: one TensorFlow thread per job (docs/SCALING.md), as jobs outnumber the cores."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2")
+    stage, *rest = args
+    fixed = ["-m", "hydra/launcher=joblib", "dataset=digits", "threads=1"]
+    return subprocess.run(
+        [sys.executable, "-m", stage, *fixed, *rest],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+
+
+def _runs(uri: str) -> list[Any]:
+    import mlflow
+
+    if not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=100)
+
+
+def test_sweep_exits_cleanly(parallel: ParallelSweep):
+    assert parallel.done.returncode == 0, parallel.done.stdout + parallel.done.stderr
+    assert "Joblib.Parallel(n_jobs=4" in parallel.done.stdout + parallel.done.stderr
+    for error in RACE_ERRORS:
+        assert error not in parallel.done.stderr, parallel.done.stderr
+
+
+def test_one_finished_run_per_job_with_its_width(parallel: ParallelSweep):
+    assert len(parallel.runs) == len(WIDTHS), parallel.done.stderr
+    assert all(r.info.status == "FINISHED" for r in parallel.runs)
+    by_job = {int(r.data.tags["sweep_job"]): r for r in parallel.runs}
+    assert sorted(by_job) == list(range(len(WIDTHS)))
+    for job, run in by_job.items():
+        assert run.data.params["width"] == str(WIDTHS[job])
+        assert run.data.tags["stage"] == "train"
+    assert {r.data.tags["sweep"] for r in parallel.runs} == {str(parallel.dir)}
+    assert len({r.info.experiment_id for r in parallel.runs}) == 1
+
+
+def test_jobs_really_ran_in_parallel(parallel: ParallelSweep):
+    spans = sorted((r.info.start_time, r.info.end_time) for r in parallel.runs)
+    assert any(end > start for (_, end), (start, _) in itertools.pairwise(spans)), spans
+
+
+def test_each_job_writes_its_outputs_into_its_own_folder(parallel: ParallelSweep):
+    for run in parallel.runs:
+        job_dir = parallel.dir / run.data.tags["sweep_job"]
+        record = json.loads((job_dir / "runs" / "train.json").read_text())
+        assert record["run_id"] == run.info.run_id
+        assert record["tracking_uri"] == parallel.uri
+        assert (job_dir / "metrics" / "train.json").is_file()
+        assert (job_dir / "models" / "model.keras").is_file()
+    for name in ("metrics", "models", "runs", "plots"):
+        assert not (parallel.project / name).exists(), f"a job wrote into the project's {name}/"
+
+
+def test_a_failing_job_fails_alone(digits_prepared: Path, tmp_path: Path):
+    """folds=1 is invalid. Its job must fail without taking the running one down with it (a
+    SystemExit in a joblib worker makes loky SIGKILL the others, leaving runs RUNNING)."""
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = _sweep(
+        tmp_path,
+        "pipeline.crossval",
+        "hydra.launcher.n_jobs=2",
+        "epochs=1",
+        "width=8",
+        "folds=2,1",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+    )
+    assert done.returncode == 1, done.stderr
+    assert "error: folds=1 is invalid" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    parents = [r for r in _runs(uri) if r.data.tags.get("stage") == "crossval"]
+    assert [(r.data.params["folds"], r.info.status) for r in parents] == [("2", "FINISHED")]
+    assert all(r.info.status == "FINISHED" for r in _runs(uri))
