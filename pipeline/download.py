@@ -7,6 +7,7 @@ copy (Debian's Fashion-MNIST) is accepted and a truncated, altered or non-gzip f
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import socket
@@ -68,13 +69,23 @@ def _download_http(url: str, dest: Path, timeout: float) -> None:
             raise OSError(f"connection closed after {out.tell()} of {total} bytes")
 
 
+# No route, no host, nobody listening: asking the same mirror again won't change that, and an
+# offline machine should hear so in seconds, not after a round of back-offs.
+_UNREACHABLE = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED)
+
+
 def _is_transient(err: BaseException) -> bool:
-    """Worth retrying on the same mirror: timeouts, resets, server errors; not 404 or DNS."""
+    """Worth retrying on the same mirror: timeouts, resets, server errors; not 404, DNS
+    failures or an unreachable host."""
     if isinstance(err, urllib.error.HTTPError):
         return err.code >= 500 or err.code == 429
     if isinstance(err, urllib.error.URLError):
-        return not isinstance(err.reason, socket.gaierror)
-    return isinstance(err, (TimeoutError, ConnectionError))
+        err = err.reason if isinstance(err.reason, BaseException) else err
+        if isinstance(err, socket.gaierror):
+            return False
+    if isinstance(err, OSError) and err.errno in _UNREACHABLE:
+        return False
+    return isinstance(err, (TimeoutError, ConnectionError, urllib.error.URLError))
 
 
 def _fetch_once(location: str, dest: Path, timeout: float) -> None:

@@ -202,6 +202,20 @@ def test_404_first_mirror_falls_through_without_retrying(
     assert raw_sha256(dest / NAME) == idx_files[NAME]
 
 
+def test_unreachable_mirror_is_not_retried(idx_files, tmp_path, closed_port, monkeypatch):
+    """Offline machines hear so at once: a refused connection is not retried with back-offs."""
+    import pipeline.download
+
+    backoffs: list[float] = []
+    monkeypatch.setattr(pipeline.download.time, "sleep", backoffs.append)
+    dead = f"http://127.0.0.1:{closed_port}/"
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError) as caught:
+        fetch_file(NAME, idx_files[NAME], [dead], dest, timeout=5, retries=2)
+    assert_failed_cleanly(caught.value, dest, NAME, [(source_url(dead, NAME), "refused")])
+    assert backoffs == []
+
+
 def test_server_error_is_retried_on_the_same_mirror(idx_files, mirror_dir, tmp_path, http_server):
     failures = []
 
