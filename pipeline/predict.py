@@ -39,6 +39,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.errors import PipelineError
+from pipeline.stage import run_command
 
 DEFAULT_MODEL = paths.MODELS_DIR / "model.keras"
 MAX_MEGAPIXELS = 50
@@ -407,20 +408,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
+
+    def predict_and_print() -> None:
         predictions = predict_files(args.inputs, args.model, args.tracking_uri)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps([asdict(p) for p in predictions], indent=2))
-    else:
-        for prediction in predictions:
-            print(prediction.line())
-    return 0
+        if args.json:
+            print(json.dumps([asdict(p) for p in predictions], indent=2))
+        else:
+            for prediction in predictions:
+                print(prediction.line())
+
+    return run_command(predict_and_print)
 
 
 if __name__ == "__main__":

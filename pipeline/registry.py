@@ -27,6 +27,7 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.errors import PipelineError, TrackingError
 from pipeline.files import read_json
+from pipeline.stage import run_command
 from pipeline.tracking import SQLITE_PREFIX, check_server
 
 DEFAULT_NAME = "digit-classifier"
@@ -154,23 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow 3 warns that runs:/<id>/model "has no artifacts" while it registers the run's
     # logged model correctly; that only confuses.
     logging.getLogger("mlflow.tracking._model_registry.fluent").setLevel(logging.ERROR)
-    try:
+
+    def register_and_print() -> None:
         model_uri, tracking_uri = args.model_uri, args.tracking_uri
         if model_uri is None:
             model_uri, recorded_uri = recorded_run()
             tracking_uri = tracking_uri or recorded_uri
         registered = register(model_uri, args.name, args.alias, tracking_uri)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(
-        f"registered {registered.source} as {registered.name} version {registered.version}; "
-        f"{registered.uri} points at it"
-    )
-    return 0
+        print(
+            f"registered {registered.source} as {registered.name} version {registered.version}; "
+            f"{registered.uri} points at it"
+        )
+
+    return run_command(register_and_print)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,19 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(message) from None
 
 
+def run_command(action: Callable[[], object]) -> int:
+    """Exit code of a plain (non-Hydra) command: 0; 1 after its one-line error; 130 on Ctrl-C."""
+    try:
+        action()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
     """Validate `cfg` before any work, run `stage`, and turn known failures into one clear line."""
     try:

@@ -22,20 +22,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_report import SECTIONS  # the sections every report must have
 
 pytestmark = pytest.mark.slow
 
 SOURCE = Path(__file__).resolve().parent.parent
 STAGES = ("fetch", "preprocess", "train", "crossval", "report")
-SECTIONS = (
-    "Test result",
-    "Dataset",
-    "Training curves",
-    "Confusion matrix",
-    "Misclassified",
-    "Cross-validation",
-    "Provenance",
-)
 FIGURES_IN_REPORT = 6  # samples, history, confusion, misclassified, fold curves, fold boxplot
 TINY = {"epochs": 1, "folds": 2, "width": 32}
 LEFTOVERS = {"dvc.lock"}  # a pipeline run in the source checkout: the copy starts afresh
