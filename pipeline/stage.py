@@ -107,5 +107,7 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
             "space and run the stage again."
         )
     except KeyboardInterrupt as err:
-        print(f"interrupted ({err or 'Ctrl-C'}); no partial outputs were kept", file=sys.stderr)
+        print(
+            f"interrupted ({str(err) or 'Ctrl-C'}); no partial outputs were kept", file=sys.stderr
+        )
         sys.exit(143 if isinstance(err, Terminated) else 130)
