@@ -104,6 +104,8 @@ def _interrupt_repro(proj: Project, sig: signal.Signals) -> tuple[int, str, str]
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # under a background job (CI) SIGINT arrives ignored; a terminal's Ctrl-C would not be
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + START_DEADLINE_S
