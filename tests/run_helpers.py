@@ -171,3 +171,21 @@ def start_cli(cwd: Path, *args: str) -> subprocess.Popen[str]:
         )
     finally:
         log.close()  # the child holds its own copy of the descriptor
+
+
+@contextlib.contextmanager
+def reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """Yield `process`; kill it on the way out if it still runs (a failed or timed-out test)."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 300) -> tuple[int, str]:
+    """Run `python -m <args>` in `cwd` to the end; returns its exit code and cwd/cli.log."""
+    with reaped(start_cli(cwd, *args)) as process:
+        returncode = process.wait(timeout=timeout)
+    return returncode, (cwd / "cli.log").read_text()

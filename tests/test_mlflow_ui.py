@@ -31,9 +31,9 @@ from run_helpers import (
     isolated_mlflow,
     prepared_digits,
     project_copy,
+    run_cli,
     runs,
     sqlite_uri,
-    start_cli,
 )
 
 pytestmark = pytest.mark.slow
@@ -67,14 +67,8 @@ COLUMNS = ("test_accuracy", "epochs")  # a metric and a param, added to the runs
 
 
 def _run_stage(project: Path, *args: str) -> None:
-    process = start_cli(project, *args)
-    try:
-        returncode = process.wait(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert returncode == 0, (project / "cli.log").read_text()
+    returncode, log = run_cli(project, *args)
+    assert returncode == 0, log
 
 
 @pytest.fixture(scope="module")

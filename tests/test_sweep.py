@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import history, prepared_digits, project_copy, runs, sqlite_uri, start_cli
+from run_helpers import history, prepared_digits, project_copy, run_cli, runs, sqlite_uri
 
 EPOCHS = (1, 2)
 
@@ -18,7 +18,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     project = project_copy(prepared_digits(tmp_path_factory), tmp_path_factory.mktemp("sweep"))
     uri = sqlite_uri(project / "mlflow.db")  # the first job creates the store
     sweep_dir = project / "multirun"
-    process = start_cli(
+    returncode, log = run_cli(
         project,
         "pipeline.train",
         "-m",
@@ -28,13 +28,6 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={sweep_dir}",
     )
-    try:
-        returncode = process.wait(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    log = (project / "cli.log").read_text()
     assert returncode == 0, log
     found = runs(uri)
     return {"project": project, "uri": uri, "dir": sweep_dir, "runs": found, "log": log}

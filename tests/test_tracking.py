@@ -17,6 +17,7 @@ from run_helpers import (
     new_store,
     prepared_digits,
     project_copy,
+    reaped,
     runs,
     start_cli,
 )
@@ -159,14 +160,10 @@ def test_sigterm_kills_the_run_and_keeps_no_outputs(tmp_path, tmp_path_factory):
     process = start_cli(
         project, "pipeline.train", "dataset=digits", "epochs=200", f"tracking.uri={uri}"
     )
-    try:
+    with reaped(process):
         run = _wait_for_training(uri, process, time.monotonic() + 90)
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     log = (project / "cli.log").read_text()
     assert returncode == 143, log
     assert "interrupted" in log
