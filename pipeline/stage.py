@@ -15,7 +15,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from pipeline.config import Config, validate
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, interrupt_in
 
 
 class Terminated(KeyboardInterrupt):
@@ -107,7 +107,16 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
             "space and run the stage again."
         )
     except KeyboardInterrupt as err:
-        print(
-            f"interrupted ({str(err) or 'Ctrl-C'}); no partial outputs were kept", file=sys.stderr
-        )
-        sys.exit(143 if isinstance(err, Terminated) else 130)
+        _exit_interrupted(err)
+    except Exception as err:
+        if (interrupt := interrupt_in(err)) is None:
+            raise
+        _exit_interrupted(interrupt)
+
+
+def _exit_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
+    print(
+        f"interrupted ({str(interrupt) or 'Ctrl-C'}); no partial outputs were kept",
+        file=sys.stderr,
+    )
+    sys.exit(143 if isinstance(interrupt, Terminated) else 130)

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError, TrackingError
+from pipeline.errors import PipelineError, TrackingError, interrupt_in
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
@@ -175,11 +175,8 @@ def _ended_with_status() -> Iterator[None]:
 
     try:
         yield
-    except KeyboardInterrupt:
-        end("KILLED")
-        raise
-    except BaseException:
-        end("FAILED")
+    except BaseException as err:
+        end("KILLED" if interrupt_in(err) else "FAILED")
         raise
     mlflow.end_run("FINISHED")
 
@@ -193,6 +190,8 @@ def store_errors(cfg: Config, saved: str) -> Iterator[None]:
     except (PipelineError, KeyboardInterrupt):
         raise
     except Exception as err:
+        if interrupt_in(err):
+            raise
         raise TrackingError(
             f"the results are saved ({saved}) but logging them to MLflow at "
             f"{tracking_uri(cfg)} failed: {str(err).splitlines()[0]}. Re-run the stage once the "

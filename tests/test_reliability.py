@@ -183,6 +183,33 @@ def test_disk_full_in_a_stage_exits_with_one_line_and_keeps_nothing(
     assert temp_files(tmp_path) == []
 
 
+def test_ctrl_c_that_tensorflow_reraised_still_exits_as_an_interrupt(compose, capsys):
+    """Ctrl-C inside Keras' fit() can surface as TensorFlow's own RuntimeError; the stage must
+    still report an interrupt (exit 130), not a crash with a traceback."""
+    from pipeline.stage import run_stage
+
+    def fit_interrupted(settings) -> None:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("Exiting device scope without proper scope nesting")
+
+    with pytest.raises(SystemExit) as raised:
+        run_stage(compose("dataset=digits"), fit_interrupted)
+    assert raised.value.code == 130
+    assert "interrupted (Ctrl-C); no partial outputs were kept" in capsys.readouterr().err
+
+
+def test_an_ordinary_error_in_a_stage_is_not_mistaken_for_an_interrupt(compose):
+    from pipeline.stage import run_stage
+
+    def broken(settings) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_stage(compose("dataset=digits"), broken)
+
+
 # =========================================================================== interrupted fetch
 
 

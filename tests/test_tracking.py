@@ -68,14 +68,27 @@ def _stage_terminated() -> BaseException:
     return Terminated("received signal 15")
 
 
+def _interrupt_replaced_by_library() -> BaseException:
+    """What TensorFlow raises when Ctrl-C lands inside fit(): its own error, the interrupt kept
+    only as context."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("Exiting device scope without proper scope nesting")
+    except RuntimeError as err:
+        return err
+
+
 @pytest.mark.parametrize(
     ("make_error", "status"),
     [
         (lambda: Boom("fit failed"), "FAILED"),
         (lambda: KeyboardInterrupt(), "KILLED"),
         (_stage_terminated, "KILLED"),
+        (_interrupt_replaced_by_library, "KILLED"),
     ],
-    ids=["error", "ctrl-c", "sigterm"],
+    ids=["error", "ctrl-c", "sigterm", "ctrl-c-inside-tensorflow"],
 )
 def test_a_run_that_raises_is_ended_and_the_error_propagates(
     store: str, tmp_path: Path, make_error, status: str
