@@ -29,4 +29,4 @@ lint: setup
 	ruff check . && ruff format --check .
 
 lock:
-	uv pip compile pyproject.toml --extra dev --universal --python-version 3.10 -o requirements.lock
+	uv pip compile pyproject.toml --all-extras --universal --python-version 3.10 -o requirements.lock
