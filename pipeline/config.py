@@ -80,7 +80,7 @@ class Config:
     seed: int = 42
     deterministic: bool = False
     validation_split: float = 0.0
-    threads: int = 0  # TensorFlow intra/inter-op threads per process; 0 = all cores
+    threads: int = 0  # TensorFlow threads per process; 0 = OMP_NUM_THREADS, else all cores
 
     def __post_init__(self) -> None:
         _require(self.threads >= 0, "threads", self.threads, ">= 0 (0 = all cores)")

@@ -26,8 +26,13 @@ STEPS_PER_EXECUTION = 32
 
 
 def _configure_threads(threads: int) -> None:
-    """Cap TensorFlow's thread pools (0 keeps its default: all cores), so parallel sweep jobs
-    don't oversubscribe the machine. Only possible before TensorFlow runs its first op."""
+    """Cap TensorFlow's thread pools, so parallel sweep jobs don't oversubscribe the machine.
+    `threads: 0` follows OMP_NUM_THREADS when it is set (Ray sets it to a task's `num_cpus`;
+    Slurm users set it to their allocation), else keeps TensorFlow's default: all cores.
+    Only possible before TensorFlow runs its first op."""
+    if not threads and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
+        log.info("TensorFlow threads: %d (OMP_NUM_THREADS)", threads)
     if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
