@@ -150,6 +150,7 @@ class ConfigRun:
     params: dict[str, str]
     tags: dict[str, str]
     folds: dict[int, float]
+    metrics: dict[str, float] = field(default_factory=dict)  # the run's own (accuracy_mean, ...)
 
     @property
     def config(self) -> dict[str, str]:
@@ -382,6 +383,7 @@ def load_runs(
                 params=dict(parent.data.params),
                 tags=dict(parent.data.tags),
                 folds=_fold_runs(client, parent),
+                metrics=dict(parent.data.metrics),
             )
         )
     if not runs:

@@ -105,13 +105,14 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     return metrics
 
 
-def _run(cfg: Config) -> None:
-    crossval(cfg, paths.PREPARED_DIR, output_root())
+def _run(cfg: Config) -> float:
+    return crossval(cfg, paths.PREPARED_DIR, output_root())["accuracy_mean"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    run_stage(cfg, _run)
+def main(cfg: DictConfig) -> float:
+    """The mean fold accuracy: the objective a sweeper maximizes (`hparams_search=mlp_optuna`)."""
+    return run_stage(cfg, _run)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,15 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from pipeline.config import Config, validate
 from pipeline.errors import PipelineError, interrupt_in
+
+T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -91,12 +93,13 @@ def run_command(action: Callable[[], object]) -> int:
     return 0
 
 
-def run_stage(cfg: DictConfig, stage: Callable[[Config], object]) -> None:
-    """Validate `cfg` before any work, run `stage`, and turn known failures into one clear line."""
+def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
+    """Validate `cfg` before any work, run `stage` and return what it returns (a sweeper's
+    objective, e.g. crossval's mean accuracy); turn known failures into one clear line."""
     try:
         settings = validate(cfg)
         with sigterm_as_interrupt():
-            stage(settings)
+            return stage(settings)
     except PipelineError as err:
         _fail(f"error: {err}")
     except OSError as err:

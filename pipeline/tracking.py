@@ -80,6 +80,11 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
+def sweep_tag(hydra_cfg: Any) -> str:
+    """The `sweep` tag every job of one multirun carries (its grouping key): the sweep folder."""
+    return str(hydra_cfg.sweep.dir)
+
+
 def hydra_tags() -> dict[str, str]:
     """The command-line overrides, and the sweep a multirun job belongs to (its grouping key)."""
     from hydra.core.hydra_config import HydraConfig
@@ -90,7 +95,7 @@ def hydra_tags() -> dict[str, str]:
     hydra_cfg = HydraConfig.get()
     tags = {"hydra_overrides": " ".join(hydra_cfg.overrides.task)}
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        tags["sweep"] = str(hydra_cfg.sweep.dir)
+        tags["sweep"] = sweep_tag(hydra_cfg)
         tags["sweep_job"] = str(hydra_cfg.job.num)
     return tags
 
