@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 # dvc.yaml's commands call `python`: put the venv first on PATH so they use it.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lint lock
+.PHONY: setup run test lint lock tracking-server
 setup: $(VENV)/.installed
 
 # Reinstall when the dependency list or its lock changes. The lock pins every package
@@ -30,3 +30,9 @@ lint: setup
 
 lock:
 	uv pip compile pyproject.toml --all-extras --universal --python-version 3.10 -o requirements.lock
+
+# A PostgreSQL cluster in .tracking/postgres and an MLflow tracking server on it, artifacts in
+# .tracking/artifacts: http://127.0.0.1:5000. Ctrl-C stops the server; `scripts/local-postgres
+# stop` the database. Settings: scripts/tracking-server -h, scripts/local-postgres -h.
+tracking-server: setup
+	uri="$$(scripts/local-postgres start)" && MLFLOW_BACKEND_STORE_URI="$$uri" exec scripts/tracking-server

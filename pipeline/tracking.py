@@ -119,8 +119,7 @@ def _open_store(uri: str, experiment: str) -> str:
             client = mlflow.MlflowClient(uri)
             found = client.get_experiment_by_name(experiment)
             if found is None:
-                location = _artifact_location(uri, experiment)
-                return client.create_experiment(experiment, artifact_location=location)
+                found = _create_experiment(client, experiment, _artifact_location(uri, experiment))
     except Exception as err:  # mlflow raises many types for a bad store
         reason = str(err).splitlines()[0]  # SQLAlchemy appends the SQL and a help link
         raise TrackingError(f"cannot open MLflow store {uri}: {reason}") from None
@@ -132,6 +131,25 @@ def _open_store(uri: str, experiment: str) -> str:
             "or choose another name with tracking.experiment=..."
         )
     return found.experiment_id
+
+
+def _create_experiment(client: Any, experiment: str, location: str | None) -> Any:
+    """Create the experiment, or take the one a parallel job created a moment earlier: on a
+    tracking server no file lock orders the jobs, so on a fresh server the jobs of a sweep race
+    to create it and all but one get RESOURCE_ALREADY_EXISTS."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_experiment(
+            client.create_experiment(experiment, artifact_location=location)
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
