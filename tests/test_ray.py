@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -28,12 +29,20 @@ pytestmark = pytest.mark.slow  # a real Ray head and four TensorFlow jobs: about
 
 WIDTHS = (8, 16, 24, 32)
 RAY = Path(sys.executable).with_name("ray")
+TOKEN = secrets.token_hex(32)
 
 
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def ray_env() -> dict[str, str]:
+    """Token authentication on, with a token of the test's own, for the head and the sweep
+    alike: Ray 2.59+ turns it on by default for some local clusters (using ~/.ray/auth_token,
+    which any earlier local Ray created), and a client that disagrees is refused."""
+    return {**cli_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
 
 
 @contextlib.contextmanager
@@ -46,7 +55,7 @@ def ray_head(cwd: Path) -> Iterator[str]:
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-            cwd=cwd, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=cwd, env=ray_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 90
@@ -81,7 +90,7 @@ def ray_sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -
     uri = new_store(tmp_path_factory, project)  # project/mlflow.db: tracking=local's default
     head_dir = tmp_path_factory.mktemp("ray-head")
     with ray_head(head_dir) as address:
-        env = {**cli_env(), "RAY_ADDRESS": address}
+        env = {**ray_env(), "RAY_ADDRESS": address}
         done = subprocess.run(
             [sys.executable, "-m", "pipeline.train", "-m", "hydra/launcher=ray_cluster",
              "dataset=digits", "epochs=1", f"width={','.join(map(str, WIDTHS))}"],
