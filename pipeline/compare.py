@@ -33,6 +33,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path
+from pipeline.tracking import filter_literal
 
 ALPHA = 0.05
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -239,14 +240,6 @@ class Comparison:
         }
 
 
-def _quote(value: str) -> str:
-    """A string literal for an MLflow filter."""
-    for quote in ("'", '"'):
-        if quote not in value:
-            return f"{quote}{value}{quote}"
-    raise CompareError(f"cannot search for {value!r}: it contains both kinds of quote")
-
-
 def _search(client: Any, experiment_ids: list[str], query: str, **kwargs: Any) -> list[Any]:
     """All active runs matching `query` (follows MLflow's pages)."""
     from mlflow.entities import ViewType
@@ -304,7 +297,9 @@ def resolve_sweep(client: Any, sweep: str) -> str:
     ids = _experiment_ids(client)
     candidates = dict.fromkeys([sweep, sweep.rstrip("/"), str(Path(sweep).resolve())])
     for candidate in candidates:
-        if ids and client.search_runs(ids, f"tags.sweep = {_quote(candidate)}", max_results=1):
+        if ids and client.search_runs(
+            ids, f"tags.sweep = {filter_literal(candidate)}", max_results=1
+        ):
             return candidate
     known = recent_sweeps(client)
     fix = (
@@ -354,13 +349,13 @@ def load_runs(
     else:
         assert sweep is not None
         ids = _experiment_ids(client)
-        query = f"tags.stage = '{CROSSVAL}' and tags.sweep = {_quote(sweep)}"
+        query = f"tags.stage = '{CROSSVAL}' and tags.sweep = {filter_literal(sweep)}"
         what = f"sweep {sweep}"
     parents = _search(client, ids, query, order_by=["attribute.start_time ASC"]) if ids else []
     if not parents:
         stages: set[str] = set()
         if sweep is not None:
-            others = _search(client, ids, f"tags.sweep = {_quote(sweep)}")
+            others = _search(client, ids, f"tags.sweep = {filter_literal(sweep)}")
             stages = {r.data.tags.get("stage", "?") for r in others}
         ran = f" (it has only {', '.join(sorted(stages))} runs)" if stages else ""
         raise CompareError(

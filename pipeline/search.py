@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,11 @@ class TagBestTrial(Callback):
         import mlflow
 
         from pipeline.compare import load_runs, resolve_sweep
-        from pipeline.config import validate
         from pipeline.errors import PipelineError
-        from pipeline.tracking import sweep_tag, tracking_uri
+        from pipeline.tracking import sweep_settings, sweep_tag, tracking_uri
 
-        task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
         try:
-            client = mlflow.MlflowClient(tracking_uri(validate(task)))
+            client = mlflow.MlflowClient(tracking_uri(sweep_settings(config)))
             runs, _ = load_runs(client, sweep=resolve_sweep(client, sweep_tag(config.hydra)))
         except PipelineError as err:
             raise SystemExit(

@@ -7,12 +7,16 @@ fails. And a sweep with one invalid job: the other jobs must still finish, their
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,3 +142,50 @@ def test_a_failing_job_fails_alone(digits_prepared: Path, tmp_path: Path):
     parents = [r for r in _runs(uri) if r.data.tags.get("stage") == "crossval"]
     assert [(r.data.params["folds"], r.info.status) for r in parents] == [("2", "FINISHED")]
     assert all(r.info.status == "FINISHED" for r in _runs(uri))
+
+
+def _running_runs(db: Path) -> int:
+    """RUNNING runs in the store, read with sqlite3 (read-only, no MLflow client in the way)."""
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+        try:
+            return con.execute("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
+        except sqlite3.OperationalError:  # schema not created yet
+            return 0
+
+
+def test_ctrl_c_on_a_parallel_sweep_leaves_no_run_running(digits_prepared: Path, tmp_path: Path):
+    """joblib SIGKILLs its workers on Ctrl-C before their jobs can end their runs; the sweep's
+    own process (pipeline.tracking.CloseInterruptedRuns) marks them, and their folds, KILLED."""
+    shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.crossval", "-m", "hydra/launcher=joblib",
+         "hydra.launcher.n_jobs=2", "dataset=digits", "threads=1", "folds=5", "epochs=500",
+         "width=8,16", f"tracking.uri=sqlite:///{db}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+        # A terminal's Ctrl-C: SIGINT at its default even when pytest runs as a background job.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while _running_runs(db) < 4:  # both jobs and a fold run of each
+            assert sweep.poll() is None, sweep.communicate()[0]
+            assert time.monotonic() < deadline, "the sweep's runs never started"
+            time.sleep(0.5)
+        os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        output = sweep.communicate(timeout=120)[0]
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait()
+    assert sweep.returncode != 0, output
+    found = _runs(f"sqlite:///{db}")
+    statuses = {r.info.status for r in found}
+    assert "RUNNING" not in statuses, output
+    killed = [r for r in found if r.info.status == "KILLED"]
+    assert {r.data.tags["stage"] for r in killed} == {"crossval", "crossval-fold"}, output
