@@ -12,10 +12,12 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,13 +50,18 @@ def ray_env() -> dict[str, str]:
 @contextlib.contextmanager
 def ray_head(cwd: Path) -> Iterator[str]:
     """A Ray head node on 127.0.0.1 with 2 CPUs; yields its address. `--block` keeps the head's
-    processes in one process group, which teardown stops without touching other Ray clusters."""
+    processes in one process group, which teardown stops without touching other Ray clusters.
+    A temp dir of its own: Ray notes the head's address in <temp dir>/ray_current_cluster and
+    does not remove it when the head stops, and a later `ray.init()` on this machine (a user's
+    `hydra/launcher=ray_cluster` without RAY_ADDRESS) would keep trying that dead address."""
     port = _free_port()
     log = cwd / "ray-head.log"
+    temp_dir = tempfile.mkdtemp(prefix="ray-test-")  # short: Ray's socket paths must fit 107 bytes
     with log.open("w") as out:
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+             f"--temp-dir={temp_dir}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats"],
             cwd=cwd, env=ray_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -73,6 +80,7 @@ def ray_head(cwd: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @dataclass
