@@ -57,19 +57,20 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
-    from pipeline.model import build_model, fit, new_session
+    from pipeline.model import build_model, configure_threads, fit, new_session
     from pipeline.plots import fold_boxplot, history_curves
 
     data = load_split(prepared_dir / "train.npz")
     folds = fold_indices(data.labels, cfg)
     dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
     accuracies, losses, histories, rows = [], [], [], []
+    configure_threads(cfg.threads)
 
     import mlflow
 
     with tracked_run(cfg, "crossval", dataset_sha) as run:
         for k, (train_idx, val_idx) in enumerate(folds, start=1):
-            new_session(cfg.seed + k, cfg.deterministic, cfg.threads)
+            new_session(cfg.seed + k, cfg.deterministic)
             network = build_model(cfg.model, cfg.width, data.x.shape[1], data.image_shape)
             with child_run(f"fold {k}", {"stage": "crossval-fold", "fold": str(k)}):
                 validation = (data.x[val_idx], data.y[val_idx])

@@ -25,11 +25,11 @@ NUM_CLASSES = 10
 STEPS_PER_EXECUTION = 32
 
 
-def _configure_threads(threads: int) -> None:
-    """Cap TensorFlow's thread pools, so parallel sweep jobs don't oversubscribe the machine.
-    `threads: 0` follows OMP_NUM_THREADS when it is set (Ray sets it to a task's `num_cpus`;
-    Slurm users set it to their allocation), else keeps TensorFlow's default: all cores.
-    Only possible before TensorFlow runs its first op."""
+def configure_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools, once per job, so parallel sweep jobs don't oversubscribe
+    the machine. `threads: 0` follows OMP_NUM_THREADS when it is set (Ray sets it to a task's
+    `num_cpus`; Slurm users set it to their allocation), else keeps TensorFlow's default: all
+    cores. Only possible before TensorFlow runs its first op."""
     if not threads and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         threads = int(os.environ["OMP_NUM_THREADS"])
         log.info("TensorFlow threads: %d (OMP_NUM_THREADS)", threads)
@@ -59,10 +59,9 @@ def check_memory(model: ModelConfig, width: int, input_dim: int) -> None:
         )
 
 
-def new_session(seed: int, deterministic: bool, threads: int = 0) -> None:
+def new_session(seed: int, deterministic: bool) -> None:
     """Start from a clean Keras state (frees earlier models, e.g. the previous fold's), seeded:
     Python, NumPy and TensorFlow; optionally with deterministic TensorFlow ops."""
-    _configure_threads(threads)
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     if deterministic:

@@ -47,13 +47,20 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
-    from pipeline.model import build_model, fit, model_requirements, new_session
+    from pipeline.model import (
+        build_model,
+        configure_threads,
+        fit,
+        model_requirements,
+        new_session,
+    )
     from pipeline.plots import history_curves
 
     train_split = load_split(prepared_dir / "train.npz")
     test_split = load_split(prepared_dir / "test.npz")
     dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
-    new_session(cfg.seed, cfg.deterministic, cfg.threads)
+    configure_threads(cfg.threads)
+    new_session(cfg.seed, cfg.deterministic)
     network = build_model(cfg.model, cfg.width, train_split.x.shape[1], train_split.image_shape)
 
     import mlflow
