@@ -189,3 +189,18 @@ def run_cli(cwd: Path, *args: str, timeout: float = 300) -> tuple[int, str]:
     with reaped(start_cli(cwd, *args)) as process:
         returncode = process.wait(timeout=timeout)
     return returncode, (cwd / "cli.log").read_text()
+
+
+def run_module(
+    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> ARGS` in `cwd` with its output captured; `env` defaults to cli_env()."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

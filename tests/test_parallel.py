@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from run_helpers import cli_env, run_module
 
 WIDTHS = (8, 16, 32, 64)
 RACE_ERRORS = ("database is locked", "duplicate column", "already exists", "Traceback")
@@ -59,20 +60,9 @@ def parallel(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def _sweep(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m <stage> -m hydra/launcher=joblib dataset=digits threads=1 <args>` in project.
     threads=1: one TensorFlow thread per job (docs/SCALING.md), as jobs outnumber the cores."""
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2")
     stage, *rest = args
     fixed = ["-m", "hydra/launcher=joblib", "dataset=digits", "threads=1"]
-    return subprocess.run(
-        [sys.executable, "-m", stage, *fixed, *rest],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
+    return run_module(stage, *fixed, *rest, cwd=project, timeout=400)
 
 
 def _runs(uri: str) -> list[Any]:
@@ -160,13 +150,11 @@ def test_ctrl_c_on_a_parallel_sweep_leaves_no_run_running(digits_prepared: Path,
     own process (pipeline.tracking.CloseInterruptedRuns) marks them, and their folds, KILLED."""
     shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
     db = tmp_path / "mlflow.db"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     sweep = subprocess.Popen(
         [sys.executable, "-m", "pipeline.crossval", "-m", "hydra/launcher=joblib",
          "hydra.launcher.n_jobs=2", "dataset=digits", "threads=1", "folds=5", "epochs=500",
          "width=8,16", f"tracking.uri=sqlite:///{db}"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
         # A terminal's Ctrl-C: SIGINT at its default even when pytest runs as a background job.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

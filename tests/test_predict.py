@@ -15,7 +15,6 @@ import os
 import re
 import struct
 import subprocess
-import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from run_helpers import run_module
 
 from pipeline import predict
 from pipeline.files import read_json
@@ -250,24 +250,8 @@ def test_digit_box_follows_each_datasets_convention():
 
 
 def run_predict(*args: str, cwd: Path, env: dict[str, str] | None = None):
-    """`python -m pipeline.predict ARGS` in `cwd`; env: os.environ without MLFLOW_TRACKING_URI."""
-    if env is None:
-        environment = dict(os.environ)
-        environment.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        environment = dict(env)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), environment.get("PYTHONPATH")) if p
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    """`python -m pipeline.predict ARGS` in `cwd`; env: cli_env(), without MLFLOW_TRACKING_URI."""
+    return run_module("pipeline.predict", *args, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import run_module
 from test_predict import STYLES, TrainedDigits, parse_json, render, run_predict, trained_digits
 
 from pipeline import predict
@@ -30,7 +31,6 @@ from pipeline.registry import DEFAULT_ALIAS, DEFAULT_NAME
 
 pytestmark = pytest.mark.slow
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVER_START_DEADLINE = 120  # seconds; it takes ~15 s here (TensorFlow import, model load)
 
 
@@ -40,18 +40,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedDigits:
 
 
 def run_registry(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.registry", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_module("pipeline.registry", *args, cwd=cwd)
 
 
 def champion_version(uri: str) -> str:
