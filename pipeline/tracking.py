@@ -278,10 +278,8 @@ def store_errors(cfg: Config, saved: str) -> Iterator[None]:
     the results are safe on disk (`saved`) and how to log them again."""
     try:
         yield
-    except (PipelineError, KeyboardInterrupt):
-        raise
     except Exception as err:
-        if interrupt_in(err):
+        if isinstance(err, PipelineError) or interrupt_in(err):
             raise
         raise TrackingError(
             f"the results are saved ({saved}) but logging them to MLflow at "
