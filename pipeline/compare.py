@@ -33,7 +33,6 @@ from typing import Any
 from pipeline import paths
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path
-from pipeline.tracking import filter_literal
 
 ALPHA = 0.05
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -238,6 +237,14 @@ class Comparison:
                 for r in self.rows
             ],
         }
+
+
+def filter_literal(value: str) -> str:
+    """A string literal for an MLflow search filter."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise CompareError(f"cannot search MLflow for {value!r}: it contains both kinds of quote")
 
 
 def _search(client: Any, experiment_ids: list[str], query: str, **kwargs: Any) -> list[Any]:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import re
-import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import Config, validate
@@ -107,65 +103,6 @@ def hydra_tags() -> dict[str, str]:
 def sweep_settings(config: DictConfig) -> Config:
     """The validated settings a multirun's jobs share: its full config without Hydra's node."""
     return validate(OmegaConf.masked_copy(config, [key for key in config if key != "hydra"]))
-
-
-def filter_literal(value: str) -> str:
-    """A string literal for an MLflow search filter."""
-    for quote in ("'", '"'):
-        if quote not in value:
-            return f"{quote}{value}{quote}"
-    raise TrackingError(f"cannot search MLflow for {value!r}: it contains both kinds of quote")
-
-
-class CloseInterruptedRuns(Callback):
-    """Ctrl-C on a sweep: joblib (and Ray) kill their workers before the jobs can end their
-    MLflow runs, which would then stay RUNNING forever. Once the sweep's own process gets
-    SIGINT, it marks the sweep's runs still RUNNING, and their fold runs, KILLED on its way out."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        previous = signal.getsignal(signal.SIGINT)
-        if not callable(previous):  # SIGINT ignored (a background job): no Ctrl-C can come
-            return
-        armed: list[bool] = []
-
-        def interrupted(signum: int, frame: Any) -> None:
-            if not armed:
-                armed.append(True)
-                atexit.register(_kill_running_runs, config)
-            previous(signum, frame)
-
-        signal.signal(signal.SIGINT, interrupted)
-
-
-def _kill_running_runs(config: DictConfig) -> None:
-    import mlflow
-
-    sweep = sweep_tag(config.hydra)
-    running = "attributes.status = 'RUNNING'"
-    try:
-        cfg = sweep_settings(config)
-        client = mlflow.MlflowClient(tracking_uri(cfg))
-        experiment = client.get_experiment_by_name(experiment_name(cfg))
-        if experiment is None:
-            return
-        ids = [experiment.experiment_id]
-        jobs = client.search_runs(ids, f"{running} and tags.sweep = {filter_literal(sweep)}")
-        folds = [
-            fold
-            for job in jobs
-            for fold in client.search_runs(
-                ids, f"{running} and tags.mlflow.parentRunId = '{job.info.run_id}'"
-            )
-        ]
-        for run in folds + jobs:
-            client.set_terminated(run.info.run_id, "KILLED")
-    except Exception as err:  # the store is unreachable or broken: say so, don't mask the exit
-        print(f"could not mark the interrupted sweep's runs KILLED: {err}", file=sys.stderr)
-        return
-    if jobs:
-        print(
-            f"interrupted: marked {len(jobs + folds)} runs of sweep {sweep} KILLED", file=sys.stderr
-        )
 
 
 def _open_store(uri: str, experiment: str) -> str:

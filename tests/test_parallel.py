@@ -147,7 +147,7 @@ def _running_runs(db: Path) -> int:
 
 def test_ctrl_c_on_a_parallel_sweep_leaves_no_run_running(digits_prepared: Path, tmp_path: Path):
     """joblib SIGKILLs its workers on Ctrl-C before their jobs can end their runs; the sweep's
-    own process (pipeline.tracking.CloseInterruptedRuns) marks them, and their folds, KILLED."""
+    own process (pipeline.callbacks.CloseInterruptedRuns) marks them, and their folds, KILLED."""
     shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
     db = tmp_path / "mlflow.db"
     sweep = subprocess.Popen(

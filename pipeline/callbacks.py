@@ -1,0 +1,125 @@
+"""Hydra callbacks for sweeps, configured under `hydra.callbacks`.
+
+- `CloseInterruptedRuns` (conf/config.yaml, every sweep): Ctrl-C on a parallel sweep leaves no
+  MLflow run RUNNING.
+- `TagBestTrial` (conf/hparams_search/mlp_optuna.yaml): `pipeline.crossval` returns the mean fold
+  accuracy, which Hydra's Optuna sweeper maximizes; when the search ends, the callback finds the
+  sweep's crossval runs by their shared `sweep` tag, tags the one with the highest
+  `accuracy_mean` `best_trial=true` and logs one line naming it. It refuses a search over any
+  other stage: `pipeline.train` returns no objective, and tuning on its test accuracy would fit
+  the test set.
+
+    python -m pipeline.crossval -m hparams_search=mlp_optuna dataset=digits hydra.sweeper.n_trials=5
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import signal
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline.compare import filter_literal, load_runs, resolve_sweep
+from pipeline.errors import PipelineError
+from pipeline.tracking import experiment_name, sweep_settings, sweep_tag, tracking_uri
+
+log = logging.getLogger(__name__)
+
+STAGE = "crossval"
+OBJECTIVE = "accuracy_mean"  # the metric crossval logs and its Hydra main returns
+BEST_TAG = "best_trial"
+
+
+class TagBestTrial(Callback):
+    """Refuses a search over another stage; tags the best trial once the search has ended.
+    Hydra turns a callback's exception into a warning and goes on, so a failure here raises
+    SystemExit: one line, exit 1, like a stage's errors."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.job.name != STAGE:
+            raise SystemExit(
+                f"error: a hyper-parameter search optimizes cross-validated accuracy: run it with "
+                f"`python -m pipeline.{STAGE} -m hparams_search=...`, not with "
+                f"pipeline.{config.hydra.job.name} (tuning on the test accuracy fits the test set)"
+            )
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        try:
+            client = mlflow.MlflowClient(tracking_uri(sweep_settings(config)))
+            runs, _ = load_runs(client, sweep=resolve_sweep(client, sweep_tag(config.hydra)))
+        except PipelineError as err:
+            raise SystemExit(
+                f"error: cannot tag the search's best trial in MLflow: {err}"
+            ) from None
+        # Finished runs, oldest first: of equal scores the first trial wins, as in Optuna.
+        best = max(runs, key=lambda run: run.metrics.get(OBJECTIVE, float("-inf")))
+        for run in runs:
+            if run is best:
+                client.set_tag(run.run_id, BEST_TAG, "true")
+            elif BEST_TAG in run.tags:  # a rerun into the same sweep folder: one best only
+                client.delete_tag(run.run_id, BEST_TAG)
+        log.info(
+            "Best trial: MLflow run %s, %s=%.4f, overrides: %s (tagged %s=true)",
+            best.run_id,
+            OBJECTIVE,
+            best.metrics[OBJECTIVE],
+            best.tags.get("hydra_overrides", "?"),
+            BEST_TAG,
+        )
+
+
+class CloseInterruptedRuns(Callback):
+    """Ctrl-C on a sweep: joblib (and Ray) kill their workers before the jobs can end their
+    MLflow runs, which would then stay RUNNING forever. Once the sweep's own process gets
+    SIGINT, it marks the sweep's runs still RUNNING, and their fold runs, KILLED on its way out."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):  # SIGINT ignored (a background job): no Ctrl-C can come
+            return
+        armed: list[bool] = []
+
+        def interrupted(signum: int, frame: Any) -> None:
+            if not armed:
+                armed.append(True)
+                atexit.register(_kill_running_runs, config)
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, interrupted)
+
+
+def _kill_running_runs(config: DictConfig) -> None:
+    import mlflow
+
+    sweep = sweep_tag(config.hydra)
+    running = "attributes.status = 'RUNNING'"
+    try:
+        cfg = sweep_settings(config)
+        client = mlflow.MlflowClient(tracking_uri(cfg))
+        experiment = client.get_experiment_by_name(experiment_name(cfg))
+        if experiment is None:
+            return
+        ids = [experiment.experiment_id]
+        jobs = client.search_runs(ids, f"{running} and tags.sweep = {filter_literal(sweep)}")
+        folds = [
+            fold
+            for job in jobs
+            for fold in client.search_runs(
+                ids, f"{running} and tags.mlflow.parentRunId = '{job.info.run_id}'"
+            )
+        ]
+        for run in folds + jobs:
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as err:  # the store is unreachable or broken: say so, don't mask the exit
+        print(f"could not mark the interrupted sweep's runs KILLED: {err}", file=sys.stderr)
+        return
+    if jobs:
+        print(
+            f"interrupted: marked {len(jobs + folds)} runs of sweep {sweep} KILLED", file=sys.stderr
+        )
