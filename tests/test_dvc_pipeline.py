@@ -92,6 +92,10 @@ def _environment() -> dict[str, str]:
         GIT_COMMITTER_EMAIL="pipeline-test@example.invalid",
         no_proxy="127.0.0.1,localhost",
         NO_PROXY="127.0.0.1,localhost",
+        # DVC runs each stage through $SHELL (or /bin/sh). bash execs a lone command, so DVC
+        # reports the stage's own exit code; dash stays in between and dies of a Ctrl-C itself,
+        # which DVC reports as "exited with -2" whatever the stage did (CI has no $SHELL).
+        SHELL=shutil.which("bash") or "/bin/bash",
     )
     return env
 
