@@ -119,6 +119,16 @@ def runs(uri: str, experiment: str = EXPERIMENT) -> list:
     )
 
 
+def finished_runs_by_job(found: list, jobs: int, log: str = "") -> dict:
+    """A sweep's runs keyed by their Hydra job number, after checking that each of the `jobs`
+    jobs left exactly one run and that it FINISHED."""
+    assert len(found) == jobs, log
+    assert all(r.info.status == "FINISHED" for r in found), [r.info.status for r in found]
+    by_job = {int(r.data.tags["sweep_job"]): r for r in found}
+    assert sorted(by_job) == list(range(jobs)), sorted(by_job)
+    return by_job
+
+
 def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of a metric's history, ordered by step."""
     points = client(uri).get_metric_history(run_id, key)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import cli_env, run_module
+from run_helpers import cli_env, finished_runs_by_job, run_module
 
 WIDTHS = (8, 16, 32, 64)
 RACE_ERRORS = ("database is locked", "duplicate column", "already exists", "Traceback")
@@ -83,10 +83,7 @@ def test_sweep_exits_cleanly(parallel: ParallelSweep):
 
 
 def test_one_finished_run_per_job_with_its_width(parallel: ParallelSweep):
-    assert len(parallel.runs) == len(WIDTHS), parallel.done.stderr
-    assert all(r.info.status == "FINISHED" for r in parallel.runs)
-    by_job = {int(r.data.tags["sweep_job"]): r for r in parallel.runs}
-    assert sorted(by_job) == list(range(len(WIDTHS)))
+    by_job = finished_runs_by_job(parallel.runs, len(WIDTHS), parallel.done.stderr)
     for job, run in by_job.items():
         assert run.data.params["width"] == str(WIDTHS[job])
         assert run.data.tags["stage"] == "train"

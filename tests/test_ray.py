@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import cli_env, new_store, project_copy, runs
+from run_helpers import cli_env, finished_runs_by_job, new_store, project_copy, runs
 
 pytestmark = pytest.mark.slow  # a real Ray head and four TensorFlow jobs: about a minute
 
@@ -116,10 +116,7 @@ def test_the_sweep_runs_on_the_existing_cluster(ray_sweep: RaySweep):
 
 
 def test_every_job_has_a_finished_run_with_its_params(ray_sweep: RaySweep):
-    assert len(ray_sweep.runs) == len(WIDTHS), ray_sweep.done.stderr
-    assert all(r.info.status == "FINISHED" for r in ray_sweep.runs)
-    by_job = {int(r.data.tags["sweep_job"]): r for r in ray_sweep.runs}
-    assert sorted(by_job) == list(range(len(WIDTHS)))
+    by_job = finished_runs_by_job(ray_sweep.runs, len(WIDTHS), ray_sweep.done.stderr)
     for job, run in by_job.items():
         assert run.data.params["width"] == str(WIDTHS[job])
         assert run.data.params["epochs"] == "1"
