@@ -17,10 +17,9 @@ from omegaconf import DictConfig
 
 from pipeline import paths
 from pipeline.config import Config, ConfigError
-from pipeline.files import read_json, write_json
+from pipeline.files import read_json, write_csv, write_json
 from pipeline.preprocess import load_split
 from pipeline.stage import output_root, run_stage
-from pipeline.train import history_rows, write_history_csv
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
     from pipeline.model import build_model, configure_threads, fit, new_session
-    from pipeline.plots import fold_boxplot, history_curves
+    from pipeline.plots import fold_boxplot, history_curves, history_rows
 
     data = load_split(prepared_dir / "train.npz")
     folds = fold_indices(data.labels, cfg)
@@ -75,7 +74,8 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
             with child_run(f"fold {k}", {"stage": "crossval-fold", "fold": str(k)}):
                 validation = (data.x[val_idx], data.y[val_idx])
                 history = fit(network, data.x[train_idx], data.y[train_idx], cfg, validation)
-                loss, accuracy = network.evaluate(*validation, batch_size=1024, verbose=0)
+                # Keras scored the fold with the final weights at the end of the last epoch.
+                loss, accuracy = history["val_loss"][-1], history["val_accuracy"][-1]
                 mlflow.log_metrics({"fold_accuracy": accuracy, "fold_loss": loss})
             log.info("fold %d/%d: accuracy %.4f", k, cfg.folds, accuracy)
             accuracies.append(float(accuracy))
@@ -91,7 +91,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
             "fold_accuracy": {f"fold{k}": a for k, a in enumerate(accuracies, start=1)},
         }
         plots_dir = out_root / paths.PLOTS_DIR / "crossval"
-        write_history_csv(rows, plots_dir / "history.csv")
+        write_csv(plots_dir / "history.csv", rows)
         history_curves(histories, plots_dir / "curves.png")
         fold_boxplot(accuracies, plots_dir / "boxplot.png")
         write_json(out_root / paths.METRICS_DIR / "crossval.json", metrics)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, ConfigError, ModelConfig
+from pipeline.preprocess import NUM_CLASSES
 from pipeline.stage import quiet_stderr
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,6 @@ with quiet_stderr():
     import keras
     import tensorflow as tf
 
-NUM_CLASSES = 10
 # Train steps per tf.function call: the same updates, fewer Python round trips per epoch
 # (the seed MLP's MNIST epoch: 2.40 s -> 1.93 s on 2 cores; docs/BENCHMARKS.md).
 STEPS_PER_EXECUTION = 32
@@ -181,7 +181,7 @@ def fit(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         validation_data=validation_data,
-        validation_split=0.0 if validation_data is not None else cfg.validation_split,
+        validation_split=cfg.validation_split,  # Keras ignores it when validation_data is given
         callbacks=[EpochMetricsLogger()],
         verbose=1 if sys.stdout.isatty() else 0,
     )

@@ -33,6 +33,15 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
     _save(fig, path)
 
 
+def history_rows(history: Mapping[str, Sequence[float]], **extra: int) -> list[dict[str, float]]:
+    """The history as CSV rows for `dvc plots`: one per epoch (1-based), any extra constant
+    columns (e.g. fold) first."""
+    epochs = len(next(iter(history.values())))
+    return [
+        {**extra, "epoch": e + 1, **{k: v[e] for k, v in history.items()}} for e in range(epochs)
+    ]
+
+
 def history_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Path) -> None:
     """The seed's two panels (cross-entropy loss, accuracy): train red, validation green,
     one line pair per history (one per fold, or one for a single training run)."""
