@@ -9,6 +9,7 @@ what it should, on a temporary copy of conf/ and params.yaml.
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +25,9 @@ from pipeline.config import Config, validate
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 PARAMS = ROOT / "params.yaml"
+# Shared plumbing every stage imports (config schema, paths, errors, atomic writes, the entry
+# wrapper): not listed as deps, or any edit to it would re-run the whole pipeline.
+INFRASTRUCTURE = {"config", "errors", "files", "paths", "stage"}
 
 
 def _compose(config_dir: Path, config_name: str, *overrides: str) -> Any:
@@ -99,6 +103,27 @@ def test_stages_read_params_yaml_through_hydra_as_conf() -> None:
     the same settings as conf/ itself."""
     through_params = _validated(_compose(ROOT, "params"))
     assert through_params == _validated(_compose(CONF, "config"))
+
+
+def _pipeline_imports(module: Path) -> set[str]:
+    """The pipeline modules `module` imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module == "pipeline":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline."):
+            found.add(node.module.removeprefix("pipeline."))
+    return found
+
+
+def test_every_stage_depends_on_the_code_it_runs() -> None:
+    """dvc.yaml's code deps are honest: editing a module a stage imports re-runs that stage."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for name, stage in stages.items():
+        module = ROOT / "pipeline" / f"{name}.py"
+        needed = {f"pipeline/{m}.py" for m in _pipeline_imports(module) - INFRASTRUCTURE}
+        listed = {d for d in stage["deps"] if d.startswith("pipeline/")}
+        assert listed == needed | {f"pipeline/{name}.py"}, name
 
 
 def test_dvc_exp_run_composes_the_same_params_yaml(tmp_path: Path) -> None:
