@@ -22,7 +22,6 @@ import argparse
 import datetime
 import html
 import math
-import os
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.errors import PipelineError
+from pipeline.config import LOCAL_TRACKING_URI
+from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path
+from pipeline.stage import run_command
 
 ALPHA = 0.05
-DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_OUTPUT = paths.COMPARE_DIR / "compare.md"
 CROSSVAL, FOLD_STAGE, COMPARE = "crossval", "crossval-fold", "compare"
 FOLD_METRIC = "fold_accuracy"
@@ -630,26 +630,18 @@ def open_store(uri: str | None) -> tuple[str, Any]:
     MLFLOW_TRACKING_URI environment variable, else the project's sqlite:///mlflow.db."""
     import mlflow
 
-    from pipeline.config import Config, TrackingConfig
-    from pipeline.tracking import SQLITE_PREFIX, check_server, tracking_uri
+    from pipeline.tracking import check_store, store_uri
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    resolved = tracking_uri(Config(tracking=TrackingConfig(uri=uri)))  # sqlite path absolute
-    if resolved.startswith(SQLITE_PREFIX):
-        db = Path(resolved[len(SQLITE_PREFIX) :])
-        if not db.is_file():
-            raise CompareError(
-                f"no MLflow store at {db}. Fix: run the crossval stage first, run this from the "
-                "project root, or pass --tracking-uri"
-            )
-    elif resolved.startswith(("http://", "https://")):
-        check_server(resolved, "or pass another store with --tracking-uri")
+    resolved = store_uri(uri)
+    check_store(
+        resolved,
+        "run the crossval stage first, run this from the project root, or pass --tracking-uri",
+    )
     try:
         client = mlflow.MlflowClient(tracking_uri=resolved)
         client.search_experiments(max_results=1)
     except Exception as err:  # mlflow raises many types for a bad store
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CompareError(f"cannot open MLflow store {resolved}: {first_line}") from None
+        raise CompareError(f"cannot open MLflow store {resolved}: {first_line(err)}") from None
     return resolved, client
 
 
@@ -695,8 +687,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     which.add_argument("--experiment", help="all crossval runs of this MLflow experiment")
     parser.add_argument(
         "--tracking-uri",
-        help=f"MLflow store (default: $MLFLOW_TRACKING_URI, else {DEFAULT_URI}, relative to the "
-        "working directory)",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+        f"{LOCAL_TRACKING_URI}, relative to the working directory)",
     )
     parser.add_argument(
         "--output",
@@ -709,9 +701,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def compare_and_print() -> None:
         comparison, run_id = run_compare(
             sweep=args.sweep,
             experiment=args.experiment,
@@ -720,16 +713,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             log=not args.no_log,
             alpha=args.alpha,
         )
-    except PipelineError as err:
-        raise SystemExit(f"error: {err}") from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    print(to_markdown(comparison), end="")
-    html_path = args.output.with_suffix(".html")
-    logged = f"; logged to MLflow run {run_id}" if run_id else ""
-    print(f"wrote {args.output} and {html_path}{logged}", file=sys.stderr)
+        print(to_markdown(comparison), end="")
+        html_path = args.output.with_suffix(".html")
+        logged = f"; logged to MLflow run {run_id}" if run_id else ""
+        print(f"wrote {args.output} and {html_path}{logged}", file=sys.stderr)
+
+    return run_command(compare_and_print)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 
 class ConfigError(PipelineError):
@@ -55,9 +55,13 @@ class ModelConfig:
             _require(bool(self.filters), "model.filters", self.filters, "at least one conv layer")
 
 
+# The embedded store: a sqlite file in the project root (the working directory).
+LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
+
+
 @dataclass
 class TrackingConfig:
-    uri: str | None = "sqlite:///mlflow.db"
+    uri: str | None = LOCAL_TRACKING_URI
     experiment: str | None = None
 
 
@@ -117,8 +121,8 @@ def validate(cfg: DictConfig | dict) -> Config:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]  # runs __post_init__
     except ConfigError as err:
         # OmegaConf re-raises our error with its own context lines appended; keep the message.
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise ConfigError(first_line(err)) from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        reason = str(err).splitlines()[0]
+        reason = first_line(err)
         raise ConfigError(f"invalid config key '{key}': {reason}") from None

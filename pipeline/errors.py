@@ -13,6 +13,13 @@ class TrackingError(PipelineError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (MLflow's and SQLAlchemy's run to pages, with the
+    SQL and help links), or the error's type when the message is empty."""
+    message = str(getattr(err, "message", None) or err).strip()
+    return message.splitlines()[0] if message else type(err).__name__
+
+
 def interrupt_in(err: BaseException) -> KeyboardInterrupt | None:
     """The Ctrl-C/SIGTERM behind `err`, if any. A library can replace the interrupt with its own
     error while unwinding: TensorFlow's device scope raises "Exiting device scope without proper

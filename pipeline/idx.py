@@ -49,13 +49,14 @@ def parse_idx(data: bytes, expected_magic: int, source: Path | str) -> np.ndarra
     """Parse IDX bytes into a uint8 array, checking magic number, dimensions and length."""
     if len(data) < 8:
         raise DataError(f"{source}: {len(data)} bytes is too short for an IDX header")
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    # The magic number is 0x0000, the element type (0x08 = ubyte), then the number of dimensions.
     magic = struct.unpack(">I", data[:4])[0]
-    if zero != 0 or dtype != _UBYTE or magic != expected_magic:
+    if magic != expected_magic:
         raise DataError(
             f"{source}: wrong IDX magic number {magic} (expected {expected_magic}); "
             "the file is not the images/labels file its name says"
         )
+    ndim = magic & 0xFF
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
         raise DataError(f"{source}: IDX header cut short ({len(data)} bytes)")

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import paths
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.stage import run_command
 
 DEFAULT_MODEL = paths.MODELS_DIR / "model.keras"
@@ -195,13 +195,13 @@ def to_model_input(crop: np.ndarray, side: int) -> np.ndarray:
     scale = box / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     patch = np.clip(_resize(crop, new_w, new_h), 0, None)
-    mass = float(patch.sum())
-    if mass <= 0:  # shrunk to nothing (cannot happen for a located digit; be safe)
-        patch, mass = np.ones_like(patch), float(patch.size)
+    if patch.sum() <= 0:  # shrunk to nothing (cannot happen for a located digit; be safe)
+        patch = np.ones_like(patch)
     patch /= patch.max()
+    mass = patch.sum()
     ys, xs = np.indices(patch.shape, dtype=np.float64) + 0.5
-    centre_y = float((ys * patch).sum() / patch.sum())
-    centre_x = float((xs * patch).sum() / patch.sum())
+    centre_y = float((ys * patch).sum() / mass)
+    centre_x = float((xs * patch).sum() / mass)
     top = min(max(round(side / 2 - centre_y), 0), side - new_h)
     left = min(max(round(side / 2 - centre_x), 0), side - new_w)
     canvas = np.zeros((side, side), dtype=np.float32)
@@ -278,18 +278,19 @@ def load_keras_file(path: Path) -> Model:
     try:
         network = keras.models.load_model(path, compile=False)
     except Exception as err:  # Keras raises many types for a file it cannot read
-        raise ModelError(f"cannot load model {path}: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"cannot load model {path}: {first_line(err)}") from None
     return _keras_model(network, str(path))
 
 
 def load_mlflow_model(model: str, tracking_uri: str | None = None) -> Model:
     """An MLflow model (runs:/<id>/model, models:/<name>@<alias>, or a local MLflow model folder)
-    through mlflow.pyfunc, from the store `tracking_uri` (see registry.resolve_tracking_uri)."""
-    from pipeline.registry import check_store, mlflow_message, resolve_tracking_uri, using_store
+    through mlflow.pyfunc, from the store `tracking_uri` (see tracking.store_uri)."""
+    from pipeline.registry import NO_STORE_FIX, using_store
+    from pipeline.tracking import check_store, store_uri
 
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = store_uri(tracking_uri)
     if is_model_uri(model):
-        check_store(uri)
+        check_store(uri, NO_STORE_FIX)
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -307,7 +308,7 @@ def load_mlflow_model(model: str, tracking_uri: str | None = None) -> Model:
 
             pyfunc = mlflow.pyfunc.load_model(path)
     except MlflowException as err:
-        raise ModelError(f"cannot load model {model} from {uri}: {mlflow_message(err)}") from None
+        raise ModelError(f"cannot load model {model} from {uri}: {first_line(err)}") from None
     except OSError as err:
         raise ModelError(f"cannot load model {model}: {err}") from None
     return _pyfunc_model(pyfunc, model)
@@ -323,11 +324,12 @@ def load_model(model: str | Path = DEFAULT_MODEL, tracking_uri: str | None = Non
 
 def check_model_exists(model: str | Path, tracking_uri: str | None = None) -> None:
     """Fail fast (before the images are read) when a model file or the MLflow store is missing."""
-    from pipeline.registry import check_store, resolve_tracking_uri
+    from pipeline.registry import NO_STORE_FIX
+    from pipeline.tracking import check_store, store_uri
 
     text = str(model)
     if is_model_uri(text):
-        check_store(resolve_tracking_uri(tracking_uri))
+        check_store(store_uri(tracking_uri), NO_STORE_FIX)
     elif not Path(text).exists():
         load_keras_file(Path(text))  # raises the missing-model error
 
@@ -349,7 +351,7 @@ class Prediction:
 def classify(model: Model, pixels: np.ndarray, names: Sequence[str]) -> list[Prediction]:
     """Predict prepared inputs (one row per image) -> one Prediction per name."""
     probabilities = model.predict(np.asarray(pixels, dtype=np.float32))
-    if probabilities.ndim != 2 or probabilities.shape != (len(names), probabilities.shape[1]):
+    if probabilities.ndim != 2 or len(probabilities) != len(names):
         raise ModelError(
             f"model {model.source} returned shape {probabilities.shape}, "
             f"expected ({len(names)}, classes)"

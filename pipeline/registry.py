@@ -18,47 +18,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.errors import PipelineError, TrackingError
+from pipeline.errors import PipelineError, TrackingError, first_line
 from pipeline.files import read_json
 from pipeline.stage import run_command
-from pipeline.tracking import SQLITE_PREFIX, check_server
+from pipeline.tracking import check_store, store_uri
 
 DEFAULT_NAME = "digit-classifier"
 DEFAULT_ALIAS = "champion"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRAIN_RECORD = paths.RUNS_DIR / "train.json"
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The store to use: `uri` if given, else MLFLOW_TRACKING_URI, else the project's
-    sqlite:///mlflow.db. A relative sqlite path is made absolute (relative to the working
-    directory, the project root), as the pipeline's stages do."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith(SQLITE_PREFIX):
-        db = Path(uri[len(SQLITE_PREFIX) :])
-        if not db.is_absolute():
-            uri = SQLITE_PREFIX + str(db.resolve())
-    return uri
-
-
-def check_store(uri: str) -> None:
-    """Fail with a clear message instead of letting MLflow create an empty sqlite store, or
-    retry an unreachable server for minutes."""
-    if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_file():
-        raise TrackingError(
-            f"MLflow store {uri} does not exist. Train a model first (`dvc repro` or "
-            "`python -m pipeline.train`), or name the store with --tracking-uri or "
-            "MLFLOW_TRACKING_URI."
-        )
-    if uri.startswith(("http://", "https://")):
-        check_server(uri, "or name another store with --tracking-uri or MLFLOW_TRACKING_URI")
+# What creates a missing store, for the commands that read a trained model from one.
+NO_STORE_FIX = (
+    "train a model first (`dvc repro` or `python -m pipeline.train`), or name the store with "
+    "--tracking-uri or MLFLOW_TRACKING_URI"
+)
 
 
 @contextlib.contextmanager
@@ -71,12 +51,6 @@ def using_store(uri: str) -> Iterator[None]:
 
     with _use_tracking_uri(uri):
         yield
-
-
-def mlflow_message(err: Exception) -> str:
-    """The first line of an MLflow error (its messages can run to pages)."""
-    message = getattr(err, "message", None) or str(err) or type(err).__name__
-    return str(message).strip().splitlines()[0]
 
 
 @dataclass(frozen=True)
@@ -102,8 +76,8 @@ def register(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = resolve_tracking_uri(tracking_uri)
-    check_store(uri)
+    uri = store_uri(tracking_uri)
+    check_store(uri, NO_STORE_FIX)
     try:
         with using_store(uri):
             version = mlflow.register_model(model_uri, name)
@@ -112,7 +86,7 @@ def register(
         )
     except MlflowException as err:
         raise TrackingError(
-            f"cannot register {model_uri} as {name!r} in {uri}: {mlflow_message(err)}"
+            f"cannot register {model_uri} as {name!r} in {uri}: {first_line(err)}"
         ) from None
     return Registered(name=name, version=str(version.version), alias=alias, source=model_uri)
 

@@ -53,15 +53,19 @@ def quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+def _in_sweep_job() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def output_root() -> Path:
     """Where a stage writes: the project root for a single run (the paths DVC tracks); a sweep's
     job writes into its own Hydra job folder, so jobs never overwrite each other's files."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(".")
+    return Path(HydraConfig.get().runtime.output_dir) if _in_sweep_job() else Path(".")
 
 
 class SweepJobFailed(CompactHydraException):
@@ -72,10 +76,7 @@ class SweepJobFailed(CompactHydraException):
 
 
 def _fail(message: str) -> NoReturn:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+    if _in_sweep_job():
         raise SweepJobFailed(message) from None
     raise SystemExit(message) from None
 

@@ -15,24 +15,35 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import Config, validate
-from pipeline.errors import PipelineError, TrackingError, interrupt_in
+from pipeline.config import LOCAL_TRACKING_URI, Config, validate
+from pipeline.errors import PipelineError, TrackingError, first_line, interrupt_in
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
 
 
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative sqlite path made absolute (relative to the working directory, i.e.
+    the project root), so every process and Hydra job writes to the same file."""
+    if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_absolute():
+        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX) :]).resolve())
+    return uri
+
+
 def tracking_uri(cfg: Config) -> str:
-    """The configured store, with a relative sqlite path made absolute (relative to the working
-    directory, i.e. the project root), so every process and Hydra job writes to the same file."""
+    """The store a stage logs to: tracking.uri, else MLFLOW_TRACKING_URI."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise TrackingError(
             "no MLflow tracking URI: pass tracking.uri=http://HOST:5000 or set MLFLOW_TRACKING_URI"
         )
-    if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_absolute():
-        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX) :]).resolve())
-    return uri
+    return absolute_uri(uri)
+
+
+def store_uri(uri: str | None = None) -> str:
+    """The store a command outside Hydra reads (compare, predict, registry): `uri`, else
+    MLFLOW_TRACKING_URI, else the project's own sqlite store."""
+    return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
 
 
 def experiment_name(cfg: Config) -> str:
@@ -50,6 +61,15 @@ def check_server(
         raise TrackingError(
             f"MLflow tracking server {uri} is unreachable ({err}). Start it, {fix}."
         ) from None
+
+
+def check_store(uri: str, fix: str) -> None:
+    """Fail with a clear message instead of letting MLflow create an empty sqlite store, or
+    retry an unreachable server for minutes. `fix`: what creates the missing store."""
+    if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_file():
+        raise TrackingError(f"MLflow store {uri} does not exist. Fix: {fix}")
+    if uri.startswith(("http://", "https://")):
+        check_server(uri, "or name another store with --tracking-uri or MLFLOW_TRACKING_URI")
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -126,8 +146,7 @@ def _open_store(uri: str, experiment: str) -> str:
             if found is None:
                 found = _create_experiment(client, experiment, _artifact_location(uri, experiment))
     except Exception as err:  # mlflow raises many types for a bad store
-        reason = str(err).splitlines()[0]  # SQLAlchemy appends the SQL and a help link
-        raise TrackingError(f"cannot open MLflow store {uri}: {reason}") from None
+        raise TrackingError(f"cannot open MLflow store {uri}: {first_line(err)}") from None
     if found.lifecycle_stage == "deleted":
         raise TrackingError(
             f"MLflow experiment {experiment!r} is deleted in {uri}. Restore it "
@@ -220,7 +239,7 @@ def store_errors(cfg: Config, saved: str) -> Iterator[None]:
             raise
         raise TrackingError(
             f"the results are saved ({saved}) but logging them to MLflow at "
-            f"{tracking_uri(cfg)} failed: {str(err).splitlines()[0]}. Re-run the stage once the "
+            f"{tracking_uri(cfg)} failed: {first_line(err)}. Re-run the stage once the "
             "store is reachable (`dvc repro` re-runs it, as it did not finish) to log them again."
         ) from None
 
