@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -146,9 +145,9 @@ def http_server() -> Iterator[Callable[..., Served]]:
 @pytest.fixture
 def closed_port() -> int:
     """A 127.0.0.1 port nothing listens on (connection refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from run_helpers import free_port
+
+    return free_port()
 
 
 # --------------------------------------------------------------------------- digits dataset
@@ -170,14 +169,11 @@ def fetch_digits() -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fetch and preprocess digits once per session; returns the prepared dir (do not modify)."""
-    from pipeline.preprocess import preprocess
+    """The prepared digits, fetched and preprocessed once per session (the same copy the
+    run_helpers users get); do not modify."""
+    from run_helpers import prepared_digits
 
-    root = tmp_path_factory.mktemp("digits")
-    raw = _fetch_digits(root / "raw")
-    prepared = root / "prepared"
-    preprocess(raw, prepared, "digits")
-    return prepared
+    return prepared_digits(tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- config and CLI

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -41,6 +43,24 @@ def prepared_digits(factory: pytest.TempPathFactory) -> Path:
         preprocess(root / "raw" / "digits", root / "prepared", "digits")
         _cache["prepared"] = root / "prepared"
     return _cache["prepared"]
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on once this returns (for a server the test starts, or
+    a connection the test wants refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Every temporary file atomic_path may have left anywhere under `root`."""
+    return sorted(root.rglob(".*.tmp*"))
+
+
+def names_key(message: str, key: str) -> bool:
+    """True if `message` contains the full dotted `key` as a token (not just its last part)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) is not None
 
 
 def sqlite_uri(db: Path) -> str:

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from run_helpers import project_copy, run_module, sqlite_uri
 from scipy import stats
 
 from pipeline.compare import (
@@ -186,25 +183,6 @@ class Sweep:
     report: Path
 
 
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    return env
-
-
-def _python(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        env=_cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def _read_back(uri: str, sweep: str) -> tuple[dict[str, Any], dict[str, dict[int, float]]]:
     """The sweep's crossval parents and their folds' accuracies, read with plain MlflowClient."""
     import mlflow
@@ -226,17 +204,15 @@ def _read_back(uri: str, sweep: str) -> tuple[dict[str, Any], dict[str, dict[int
 
 @pytest.fixture(scope="module")
 def sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    project = tmp_path_factory.mktemp("compare")
-    shutil.copytree(digits_prepared, project / "data" / "prepared")
+    project = project_copy(digits_prepared, tmp_path_factory.mktemp("compare"))
     combos = project / "extra_conf" / "combo"
     combos.mkdir(parents=True)
     for name, values in COMBOS.items():
         lines = ["# @package _global_", *(f"{k}: {v}" for k, v in values.items())]
         (combos / f"{name}.yaml").write_text("\n".join(lines) + "\n")
-    uri = f"sqlite:///{project / 'mlflow.db'}"
+    uri = sqlite_uri(project / "mlflow.db")
     sweep_dir = project / "multirun"
-    done = _python(
-        project,
+    done = run_module(
         "pipeline.crossval",
         "-m",
         f"+combo={','.join(COMBOS)}",
@@ -245,6 +221,7 @@ def sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Sw
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={sweep_dir}",
         f"hydra.searchpath=[file://{project / 'extra_conf'}]",
+        cwd=project,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     parents, accuracies = _read_back(uri, str(sweep_dir))
@@ -360,7 +337,7 @@ def test_comparison_is_logged_as_an_mlflow_run(sweep: Sweep, tmp_path: Path):
 
 
 def test_cli_compares_the_latest_sweep(sweep: Sweep):
-    done = _python(sweep.project, "pipeline.compare", "--sweep", "latest", "--no-log")
+    done = run_module("pipeline.compare", "--sweep", "latest", "--no-log", cwd=sweep.project)
     assert done.returncode == 0, done.stderr
     assert f"# Config comparison: sweep {sweep.sweep}" in done.stdout
     assert TABLE_HEADER in done.stdout

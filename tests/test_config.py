@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from run_helpers import names_key
 
 from pipeline import paths
 from pipeline.config import Config, ConfigError, validate
@@ -20,11 +21,6 @@ GROUP_OPTIONS = {
     "model": {"mlp", "cnn"},
     "tracking": {"local", "server"},
 }
-
-
-def names_key(message: str, key: str) -> bool:
-    """True if `message` contains the full dotted `key` as a token (not just its last part)."""
-    return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) is not None
 
 
 def test_conf_groups_hold_exactly_the_expected_options():

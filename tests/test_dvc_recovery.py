@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import temp_files
 from test_dvc_pipeline import STAGES, Project, _copy_project, _environment, _mlflow_runs
 
 pytestmark = pytest.mark.slow
@@ -63,13 +64,9 @@ def _ran(out: str) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in out}
 
 
-def _temp_files(root: Path) -> list[str]:
-    return sorted(
-        str(p.relative_to(root))
-        for d in OUTPUT_DIRS
-        if (root / d).exists()
-        for p in (root / d).rglob(".*.tmp*")
-    )
+def _temp_files(root: Path) -> list[Path]:
+    """Temporary files left in the stage outputs (DVC keeps its own under .dvc/tmp)."""
+    return [p for d in OUTPUT_DIRS for p in temp_files(root / d)]
 
 
 @pytest.fixture(scope="module", params=[signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from run_helpers import temp_files
 
 from pipeline import paths
 from pipeline.config import DatasetConfig
@@ -30,10 +31,6 @@ def as_mirror(kind: str, directory: Path, http_server) -> tuple[str, list[str] |
     if kind == "file_url":
         return directory.as_uri() + "/", None
     return str(directory) + "/", None
-
-
-def temp_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob(".*.tmp*"))
 
 
 def assert_failed_cleanly(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from run_helpers import (
     assert_png,
     cli_env,
     client,
+    free_port,
     isolated_mlflow,
     prepared_digits,
     project_copy,
@@ -104,17 +104,11 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "crossval": parents[0], "folds": folds, "report": html}  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tracked: dict[str, Any]) -> Iterator[str]:
     """`mlflow server` on 127.0.0.1 (a free port, one worker) over the store; its base URL."""
     project: Path = tracked["project"]
-    port = _free_port()
+    port = free_port()
     log = open(project / "server.log", "w", encoding="utf-8")  # noqa: SIM115  # closed below
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracked["uri"],

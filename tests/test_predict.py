@@ -9,27 +9,24 @@ runs as a subprocess.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import struct
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import run_module
+from run_helpers import compose, isolated_mlflow, new_store, prepared_digits, run_module
 
 from pipeline import predict
 from pipeline.files import read_json
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
 # 30 epochs reach ~0.96 test accuracy on digits (width 64); 60 reach ~0.98, and the rendered test
 # digits below are then recognised ~95% of the time (measured per style: 0.91-0.96 over all 450).
 EPOCHS = 60
@@ -58,42 +55,24 @@ class TrainedDigits:
         return f"runs:/{self.run_id}/model"
 
 
-@contextlib.contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def trained_digits(factory: pytest.TempPathFactory) -> TrainedDigits:
-    """Train once per session on the digits dataset, exactly as the pipeline does: fetch,
-    preprocess, a config composed from conf/ and validated, train() into its own sqlite store.
+    """Train once per session on the digits dataset, exactly as the pipeline does: the prepared
+    digits, a config composed from conf/ and validated, train() into its own sqlite store.
     (Shared with test_serving.py through this module's cache.)"""
     if "trained" in _cache:
         return _cache["trained"]
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.config import DatasetConfig, validate
-    from pipeline.fetch import fetch
-    from pipeline.preprocess import load_split, preprocess
-    from pipeline.registry import using_store
+    from pipeline.preprocess import load_split
     from pipeline.train import train
 
     root = factory.mktemp("predict")
-    fetch(DatasetConfig(name="digits"), root / "raw")
-    preprocess(root / "raw" / "digits", root / "prepared", "digits")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        overrides = ["dataset=digits", f"epochs={EPOCHS}", f"width={WIDTH}", f"tracking.uri={uri}"]
-        cfg = validate(compose("config", overrides=overrides))
-    # train() makes `uri` MLflow's global store; using_store puts the previous one back, so it
-    # does not leak into later tests (or their subprocesses, through MLFLOW_TRACKING_URI).
-    with working_directory(root), using_store(uri):
-        metrics = train(cfg, root / "prepared", out_root=root)
-    test = load_split(root / "prepared" / "test.npz")
+    prepared = prepared_digits(factory)
+    uri = new_store(factory, root)
+    cfg = compose("dataset=digits", f"epochs={EPOCHS}", f"width={WIDTH}", f"tracking.uri={uri}")
+    # train() makes `uri` MLflow's global store; isolated_mlflow puts the previous one back, so
+    # it does not leak into later tests (or their subprocesses, through MLFLOW_TRACKING_URI).
+    with isolated_mlflow(root, uri):
+        metrics = train(cfg, prepared, out_root=root)
+    test = load_split(prepared / "test.npz")
     _cache["trained"] = TrainedDigits(
         root=root,
         model=root / "models" / "model.keras",

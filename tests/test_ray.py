@@ -25,19 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import cli_env, finished_runs_by_job, new_store, project_copy, runs
+from run_helpers import (
+    cli_env,
+    finished_runs_by_job,
+    free_port,
+    new_store,
+    project_copy,
+    run_module,
+    runs,
+)
 
 pytestmark = pytest.mark.slow  # a real Ray head and four TensorFlow jobs: about a minute
 
 WIDTHS = (8, 16, 24, 32)
 RAY = Path(sys.executable).with_name("ray")
 TOKEN = secrets.token_hex(32)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ray_env() -> dict[str, str]:
@@ -54,7 +56,7 @@ def ray_head(cwd: Path) -> Iterator[str]:
     A temp dir of its own: Ray notes the head's address in <temp dir>/ray_current_cluster and
     does not remove it when the head stops, and a later `ray.init()` on this machine (a user's
     `hydra/launcher=ray_cluster` without RAY_ADDRESS) would keep trying that dead address."""
-    port = _free_port()
+    port = free_port()
     log = cwd / "ray-head.log"
     temp_dir = tempfile.mkdtemp(prefix="ray-test-")  # short: Ray's socket paths must fit 107 bytes
     with log.open("w") as out:
@@ -99,10 +101,10 @@ def ray_sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -
     head_dir = tmp_path_factory.mktemp("ray-head")
     with ray_head(head_dir) as address:
         env = {**ray_env(), "RAY_ADDRESS": address}
-        done = subprocess.run(
-            [sys.executable, "-m", "pipeline.train", "-m", "hydra/launcher=ray_cluster",
-             "dataset=digits", "epochs=1", f"width={','.join(map(str, WIDTHS))}"],
-            cwd=project, env=env, capture_output=True, text=True, timeout=400, check=False,
+        done = run_module(
+            "pipeline.train", "-m", "hydra/launcher=ray_cluster",
+            "dataset=digits", "epochs=1", f"width={','.join(map(str, WIDTHS))}",
+            cwd=project, env=env, timeout=400,
         )  # fmt: skip
     return RaySweep(project, head_dir, uri, done, runs(uri))
 

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -37,11 +36,15 @@ from run_helpers import (
     EXPERIMENT,
     cli_env,
     client,
+    free_port,
     isolated_mlflow,
+    names_key,
     new_store,
     prepared_digits,
     project_copy,
+    run_module,
     runs,
+    temp_files,
 )
 from run_helpers import compose as settings
 
@@ -54,16 +57,6 @@ PIPELINE_DIR = Path(__file__).resolve().parent.parent / "pipeline"
 NAME = paths.TRAIN_IMAGES  # the first file `fetch` asks for
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 SHA = "0" * 64
-
-
-def temp_files(root: Path) -> list[Path]:
-    """Every temporary file atomic_path may have left anywhere under `root`."""
-    return sorted(root.rglob(".*.tmp*"))
-
-
-def names_key(message: str, key: str) -> bool:
-    """True if `message` contains the full dotted `key` as a token (not just its last part)."""
-    return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) is not None
 
 
 def wait_for(condition: Callable[[], object], process: subprocess.Popen, seconds: float):
@@ -84,12 +77,6 @@ def stop(process: subprocess.Popen | None) -> None:
     if process is not None and process.poll() is None:
         process.kill()
         process.communicate()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # =========================================================================== disk full
@@ -361,22 +348,10 @@ def test_a_model_too_big_for_memory_stops_before_tensorflow_allocates(tmp_path, 
     project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
     uri = new_store(tmp_path_factory, project)  # already migrated: the check is what takes time
     width = 100_000_000
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.train",
-            "dataset=digits",
-            f"width={width}",
-            f"tracking.uri={uri}",
-        ],
-        cwd=project,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+    result = run_module(
+        "pipeline.train", "dataset=digits", f"width={width}", f"tracking.uri={uri}",
+        cwd=project, timeout=280,
+    )  # fmt: skip
     assert result.returncode == 1, result.stderr
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert f"width={width}" in line and "free memory" in line and "smaller width" in line, line
@@ -853,7 +828,6 @@ def test_every_file_the_pipeline_writes_goes_through_atomic_path():
         "preprocess.py:savez",
         "plots.py:savefig",
         "train.py:save",
-        "train.py:open",
         "report.py:write_text",
         "params.py:write_text",
     } <= found, sorted(found)

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import base64
 import csv
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from run_helpers import PROJECT_ROOT, new_store, run_module
 
 from pipeline import paths
 from pipeline.config import Config, ModelConfig
@@ -371,29 +369,10 @@ def test_missing_input_names_the_file_and_the_fix(stage_outputs: Path, missing: 
 
 def test_report_stage_cli_fails_cleanly_without_inputs(tmp_path: Path) -> None:
     """`python -m pipeline.report` with nothing to report: one error line, no traceback."""
-    root = Path(__file__).resolve().parent.parent
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(root),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.report",
-            "--config-dir",
-            str(root),
-            "--config-name",
-            "params",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_module(
+        "pipeline.report", "--config-dir", str(PROJECT_ROOT), "--config-name", "params",
+        cwd=tmp_path, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 1
     assert "error: " in done.stderr
     assert "predictions.csv is missing" in done.stderr
@@ -405,7 +384,7 @@ def test_report_stage_cli_fails_cleanly_without_inputs(tmp_path: Path) -> None:
 
 
 def test_report_logs_both_files_to_the_train_run(
-    stage_outputs: Path, monkeypatch: pytest.MonkeyPatch
+    stage_outputs: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """report() builds the page from the stage outputs and attaches it to train's MLflow run."""
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -414,7 +393,7 @@ def test_report_logs_both_files_to_the_train_run(
     from pipeline.report import report
 
     monkeypatch.chdir(stage_outputs)
-    uri = f"sqlite:///{stage_outputs / 'mlflow.db'}"
+    uri = new_store(tmp_path_factory, stage_outputs)  # already migrated
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment(
         "report-test", artifact_location=(stage_outputs / "artifacts").as_uri()

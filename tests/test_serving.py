@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_helpers import run_module
+from run_helpers import free_port, run_module
 from test_predict import STYLES, TrainedDigits, parse_json, render, run_predict, trained_digits
 
 from pipeline import predict
@@ -125,12 +124,6 @@ def test_predict_loads_the_champion_by_alias(trained: TrainedDigits, registered,
 
 
 # --------------------------------------------------------------------------- serving
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -5,13 +5,13 @@ process that is sent SIGTERM mid-training."""
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 from run_helpers import (
     compose,
+    free_port,
     history,
     isolated_mlflow,
     new_store,
@@ -137,10 +137,7 @@ def test_an_unreachable_tracking_server_fails_before_a_run_starts(tmp_path: Path
     from pipeline.errors import TrackingError
     from pipeline.tracking import tracked_run
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens once the socket is closed
-    cfg = settings(f"http://127.0.0.1:{port}")
+    cfg = settings(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     entered = False
     with (
         pytest.raises(TrackingError, match="unreachable"),

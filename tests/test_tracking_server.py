@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from run_helpers import (
     client,
     download,
     finished_runs_by_job,
+    free_port,
     history,
     isolated_mlflow,
     prepared_digits,
@@ -62,12 +62,6 @@ def postgres_bindir() -> Path | None:
         "/usr/pgsql-*/bin/initdb"
     )
     return Path(candidates[0]).parent if candidates else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def script_env(**extra: str) -> dict[str, str]:
