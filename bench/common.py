@@ -75,18 +75,20 @@ def workdir(args: argparse.Namespace, prepare: bool = True) -> Path:
         if not Path(args.mirror).exists() and "://" not in args.mirror:
             sys.exit(f"no MNIST mirror at {args.mirror}: pass --mirror or --dataset digits")
         overrides.append(f"dataset.mirrors=[{args.mirror}]")
-    py = sys.executable
-    run([py, "-m", "pipeline.params", *overrides], target)
+    run([sys.executable, "-m", "pipeline.params", *overrides], target)
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
         run(cmd, target, check=False)  # nothing to commit on a reused work dir is fine
     if prepare and not prepared:
         for stage in ("fetch", "preprocess"):
-            run(
-                [py, "-m", f"pipeline.{stage}", "--config-dir", ".", "--config-name", "params"],
-                target,
-            )
+            run(stage_cmd(stage), target)
     return target
+
+
+def stage_cmd(stage: str, *overrides: str) -> list[str]:
+    """A stage as `dvc repro` runs it: reading the work dir's params.yaml through Hydra."""
+    return [sys.executable, "-m", f"pipeline.{stage}", "--config-dir", ".", "--config-name",
+            "params", *overrides]  # fmt: skip
 
 
 def median(values: list[float]) -> float:

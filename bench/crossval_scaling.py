@@ -19,18 +19,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     args = p.parse_args()
     work = common.workdir(args)
-    base = [
-        sys.executable,
-        "-m",
-        "pipeline.crossval",
-        "--config-dir",
-        ".",
-        "--config-name",
-        "params",
-    ]
     rows = []
     for folds in (int(f) for f in args.folds.split(",")):
-        wall = common.run([*base, f"folds={folds}", f"epochs={args.epochs}"], work)
+        cmd = common.stage_cmd("crossval", f"folds={folds}", f"epochs={args.epochs}")
+        wall = common.run(cmd, work)
         # each fold trains on (folds-1)/folds of the data: normalise to full-training-set epochs
         epochs_of_data = folds * args.epochs * (folds - 1) / folds
         rows.append(

@@ -43,16 +43,7 @@ def main() -> None:
     work = common.workdir(args, prepare=False)  # code and conf only: the stages are timed here
     rows = []
     for stage in ("fetch", "preprocess"):
-        cmd = [
-            sys.executable,
-            "-m",
-            f"pipeline.{stage}",
-            "--config-dir",
-            ".",
-            "--config-name",
-            "params",
-        ]
-        wall, rss = measured(cmd, work)
+        wall, rss = measured(common.stage_cmd(stage), work)
         rows.append({"stage": stage, "wall_s": wall, "peak_rss_mib": rss})
     common.report(f"data_stages_{args.dataset}", rows, {"command": " ".join(sys.argv)})
 

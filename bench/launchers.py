@@ -28,7 +28,6 @@ def main() -> None:
     args = p.parse_args()
     work = common.workdir(args)
     widths = ",".join(str(512 + i) for i in range(args.jobs))  # distinct configs, same cost
-    base = [sys.executable, "-m", "pipeline.train", "--config-dir", ".", "--config-name", "params"]
     walls = {}
     for name, extra in LAUNCHERS.items():
         sweep = [
@@ -37,7 +36,7 @@ def main() -> None:
             f"width={widths}",
             f"hydra.sweep.dir=multirun/bench-{name}",
         ]
-        walls[name] = common.run([*base, "-m", *sweep], work)
+        walls[name] = common.run(common.stage_cmd("train", "-m", *sweep), work)
     rows = [
         {"launcher": name, "seconds": wall, "vs basic": wall / walls["basic"]}
         for name, wall in walls.items()

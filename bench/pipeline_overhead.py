@@ -20,18 +20,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     args = p.parse_args()
     work = common.workdir(args)
-    py = sys.executable
-    bare_cmd = [py, str(Path(__file__).parent / "bare_keras.py"), "data/prepared", str(args.epochs)]
-    pipeline_cmd = [
-        py,
-        "-m",
-        "pipeline.train",
-        "--config-dir",
-        ".",
-        "--config-name",
-        "params",
-        f"epochs={args.epochs}",
-    ]
+    bare_script = str(Path(__file__).parent / "bare_keras.py")
+    bare_cmd = [sys.executable, bare_script, "data/prepared", str(args.epochs)]
+    pipeline_cmd = common.stage_cmd("train", f"epochs={args.epochs}")
     bare, pipeline = [], []
     for _ in range(args.runs):
         bare.append(common.run(bare_cmd, work))

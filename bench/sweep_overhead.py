@@ -20,12 +20,13 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=4)
     args = p.parse_args()
     work = common.workdir(args)
-    base = [sys.executable, "-m", "pipeline.train", "--config-dir", ".", "--config-name", "params"]
-    single = common.run([*base, "epochs=1"], work)
+    single = common.run(common.stage_cmd("train", "epochs=1"), work)
     single_fit = json.loads((work / "metrics" / "train.json").read_text())["fit_seconds"]
     sweep_dir = work / "multirun" / "bench"
     sweep = common.run(
-        [*base, "-m", "epochs=" + ",".join(["1"] * args.jobs), f"hydra.sweep.dir={sweep_dir}"],
+        common.stage_cmd(
+            "train", "-m", "epochs=" + ",".join(["1"] * args.jobs), f"hydra.sweep.dir={sweep_dir}"
+        ),
         work,
     )
     fits = [
