@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -29,12 +28,12 @@ _no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
 _no_proxy = ",".join(p for p in (_no_proxy, "127.0.0.1", "localhost") if p)
 os.environ["no_proxy"] = os.environ["NO_PROXY"] = _no_proxy
 
+from run_helpers import CONF_DIR  # noqa: E402
+
 from pipeline import paths  # noqa: E402
 from pipeline.config import DatasetConfig  # noqa: E402
 from pipeline.idx import raw_sha256, write_idx  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
 OFFLINE_HINT_KEY = "dataset=digits"
 
 
@@ -192,20 +191,12 @@ def compose() -> Callable[..., object]:
     return _compose
 
 
-def run_cli(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run `python -m <args>` (this venv's interpreter) in `cwd`, inheriting os.environ."""
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """cli(cwd, "pipeline.fetch", "dataset=digits", ...) -> CompletedProcess (text)."""
-    return run_cli
+    from run_helpers import run_module
+
+    def _cli(cwd: Path, module: str, *args: str, timeout: float = 120):
+        return run_module(module, *args, cwd=cwd, timeout=timeout)
+
+    return _cli

@@ -7,15 +7,13 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-from run_helpers import names_key
+from run_helpers import CONF_DIR, names_key
 
 from pipeline import paths
 from pipeline.config import Config, ConfigError, validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUP_OPTIONS = {
     "dataset": {"mnist", "fashion_mnist", "digits"},
     "model": {"mlp", "cnn"},

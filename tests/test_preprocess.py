@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_helpers import PROJECT_ROOT
 
 from pipeline import paths
 from pipeline.idx import raw_sha256
 from pipeline.preprocess import load_split, preprocess, read_split
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DIGITS_TOTAL = 1797  # scikit-learn's bundled 8x8 digits
 OUTPUTS = ("train.npz", "test.npz", "summary.json", "samples.png")
