@@ -66,9 +66,9 @@ def main() -> None:
     work = common.workdir(args)
     sys.path.insert(0, str(work))
 
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model, keras, new_session
-    from pipeline.preprocess import load_split
+    from pipeline.core.data import load_split
+    from pipeline.core.models import build_model, keras, new_session
+    from pipeline.infra.config import ModelConfig
 
     EpochTimer = epoch_timer_class(keras)
     data = load_split(work / "data" / "prepared" / "train.npz")

@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
-from pipeline.config import LOCAL_TRACKING_URI
-from pipeline.errors import PipelineError, first_line
-from pipeline.files import atomic_path
-from pipeline.stage import run_command
+from pipeline.infra import paths
+from pipeline.infra.config import LOCAL_TRACKING_URI
+from pipeline.infra.errors import PipelineError, first_line
+from pipeline.infra.files import atomic_path
+from pipeline.infra.stage import run_command
 
 ALPHA = 0.05
 DEFAULT_OUTPUT = paths.COMPARE_DIR / "compare.md"
@@ -595,7 +595,7 @@ def write_reports(comparison: Comparison, markdown_path: Path) -> tuple[Path, Pa
 def log_comparison(client: Any, comparison: Comparison, files: Sequence[Path]) -> str:
     """Log the comparison as a new MLflow run (stage=compare, the sweep tag) in the best
     config's experiment; returns its run id. The run ends FAILED/KILLED if logging breaks."""
-    from pipeline.tracking import _git_commit
+    from pipeline.infra.tracking import _git_commit
 
     tags = {"stage": COMPARE, "compare.source": comparison.source}
     if comparison.sweep:
@@ -630,7 +630,7 @@ def open_store(uri: str | None) -> tuple[str, Any]:
     MLFLOW_TRACKING_URI environment variable, else the project's sqlite:///mlflow.db."""
     import mlflow
 
-    from pipeline.tracking import check_store, store_uri
+    from pipeline.infra.tracking import check_store, store_uri
 
     resolved = store_uri(uri)
     check_store(

@@ -15,11 +15,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import paths
-from pipeline.config import Config, ConfigError
-from pipeline.files import read_json, write_csv, write_json
-from pipeline.preprocess import load_split
-from pipeline.stage import output_root, run_stage
+from pipeline.core.data import load_split
+from pipeline.infra import paths
+from pipeline.infra.config import Config
+from pipeline.infra.errors import ConfigError
+from pipeline.infra.files import read_json, write_csv, write_json
+from pipeline.infra.stage import output_root, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def fold_indices(labels: np.ndarray, cfg: Config) -> list[tuple[np.ndarray, np.n
 
 def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     """Run k-fold CV; returns the metrics written to crossval.json."""
-    from pipeline.tracking import (
+    from pipeline.infra.tracking import (
         child_run,
         open_store_early,
         run_record,
@@ -56,8 +57,8 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
-    from pipeline.model import build_model, configure_threads, fit, new_session
-    from pipeline.plots import fold_boxplot, history_curves, history_rows
+    from pipeline.core.models import build_model, configure_threads, fit, new_session
+    from pipeline.core.plots import fold_boxplot, history_curves, history_rows
 
     data = load_split(prepared_dir / "train.npz")
     folds = fold_indices(data.labels, cfg)

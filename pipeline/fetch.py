@@ -9,13 +9,13 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import paths
-from pipeline.config import Config, DatasetConfig
-from pipeline.download import fetch_file
-from pipeline.errors import DataError
-from pipeline.files import atomic_path
-from pipeline.idx import write_idx
-from pipeline.stage import run_stage
+from pipeline.core.idx import write_idx
+from pipeline.infra import paths
+from pipeline.infra.config import Config, DatasetConfig
+from pipeline.infra.download import fetch_file
+from pipeline.infra.errors import DataError
+from pipeline.infra.files import atomic_path
+from pipeline.infra.stage import run_stage
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.files import atomic_path
+from pipeline.infra.files import atomic_path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PARAMS_FILE = CONF_DIR.parent / "params.yaml"

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
-from pipeline.errors import PipelineError, first_line
-from pipeline.stage import run_command
+from pipeline.infra import paths
+from pipeline.infra.errors import PipelineError, first_line
+from pipeline.infra.stage import run_command
 
 DEFAULT_MODEL = paths.MODELS_DIR / "model.keras"
 MAX_MEGAPIXELS = 50
@@ -273,7 +273,7 @@ def load_keras_file(path: Path) -> Model:
             f"model {path} not found. Train it first: run `dvc repro` (or `python -m "
             "pipeline.train`), or pass --model PATH or an MLflow URI such as runs:/<run id>/model"
         )
-    from pipeline.model import keras  # imports TensorFlow with its start-up noise silenced
+    from pipeline.core.models import keras  # imports TensorFlow with its start-up noise silenced
 
     try:
         network = keras.models.load_model(path, compile=False)
@@ -285,8 +285,7 @@ def load_keras_file(path: Path) -> Model:
 def load_mlflow_model(model: str, tracking_uri: str | None = None) -> Model:
     """An MLflow model (runs:/<id>/model, models:/<name>@<alias>, or a local MLflow model folder)
     through mlflow.pyfunc, from the store `tracking_uri` (see tracking.store_uri)."""
-    from pipeline.registry import NO_STORE_FIX, using_store
-    from pipeline.tracking import check_store, store_uri
+    from pipeline.infra.tracking import NO_STORE_FIX, check_store, store_uri, using_store
 
     uri = store_uri(tracking_uri)
     if is_model_uri(model):
@@ -304,7 +303,7 @@ def load_mlflow_model(model: str, tracking_uri: str | None = None) -> Model:
             if is_model_uri(model):
                 # Fetched first, so an unknown run or model fails before TensorFlow is imported.
                 path = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=local)
-            import pipeline.model  # noqa: F401  # imports TensorFlow (which pyfunc loads) quietly
+            import pipeline.core.models  # noqa: F401  # imports TensorFlow (which pyfunc loads) quietly
 
             pyfunc = mlflow.pyfunc.load_model(path)
     except MlflowException as err:
@@ -324,8 +323,7 @@ def load_model(model: str | Path = DEFAULT_MODEL, tracking_uri: str | None = Non
 
 def check_model_exists(model: str | Path, tracking_uri: str | None = None) -> None:
     """Fail fast (before the images are read) when a model file or the MLflow store is missing."""
-    from pipeline.registry import NO_STORE_FIX
-    from pipeline.tracking import check_store, store_uri
+    from pipeline.infra.tracking import NO_STORE_FIX, check_store, store_uri
 
     text = str(model)
     if is_model_uri(text):

@@ -8,49 +8,25 @@ The model is then loadable (and servable) as `models:/digit-classifier@champion`
 
     python -m pipeline.predict --model models:/digit-classifier@champion digit.png
     mlflow models serve -m models:/digit-classifier@champion --env-manager local
-
-Also the MLflow helpers `pipeline.predict` shares: which store to use, and MLflow's exceptions
-turned into one-line errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import paths
-from pipeline.errors import PipelineError, TrackingError, first_line
-from pipeline.files import read_json
-from pipeline.stage import run_command
-from pipeline.tracking import check_store, store_uri
+from pipeline.infra import paths
+from pipeline.infra.errors import PipelineError, TrackingError, first_line
+from pipeline.infra.files import read_json
+from pipeline.infra.stage import run_command
+from pipeline.infra.tracking import NO_STORE_FIX, check_store, store_uri, using_store
 
 DEFAULT_NAME = "digit-classifier"
 DEFAULT_ALIAS = "champion"
 TRAIN_RECORD = paths.RUNS_DIR / "train.json"
-
-
-# What creates a missing store, for the commands that read a trained model from one.
-NO_STORE_FIX = (
-    "train a model first (`dvc repro` or `python -m pipeline.train`), or name the store with "
-    "--tracking-uri or MLFLOW_TRACKING_URI"
-)
-
-
-@contextlib.contextmanager
-def using_store(uri: str) -> Iterator[None]:
-    """Make `uri` MLflow's store (tracking and, by default, registry) for the block, then restore
-    the previous one exactly. mlflow.register_model and mlflow.pyfunc.load_model take no store
-    argument, and mlflow.set_tracking_uri alone would also leave MLFLOW_TRACKING_URI exported to
-    every later subprocess."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(uri):
-        yield
 
 
 @dataclass(frozen=True)

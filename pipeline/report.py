@@ -18,12 +18,12 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import paths
-from pipeline.config import Config
-from pipeline.errors import DataError
-from pipeline.files import atomic_path, read_json
-from pipeline.preprocess import NUM_CLASSES, load_split
-from pipeline.stage import run_stage
+from pipeline.core.data import NUM_CLASSES, load_split
+from pipeline.infra import paths
+from pipeline.infra.config import Config
+from pipeline.infra.errors import DataError
+from pipeline.infra.files import atomic_path, read_json
+from pipeline.infra.stage import run_stage
 
 log = logging.getLogger(__name__)
 GALLERY_SIZE = 24
@@ -107,7 +107,7 @@ text-align:right}img{max-width:100%}pre{background:#f4f4f4;padding:1rem;overflow
 
 def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
     """Write report.html and report.md into out_dir; returns their paths."""
-    from pipeline.plots import confusion_matrix, image_gallery
+    from pipeline.core.plots import confusion_matrix, image_gallery
 
     matrix = confusion(inputs.actual, inputs.predicted)
     per_class = [

@@ -17,29 +17,29 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import paths
-from pipeline.config import Config
-from pipeline.files import atomic_path, read_json, write_csv, write_json
-from pipeline.preprocess import load_split
-from pipeline.stage import output_root, run_stage
+from pipeline.core.data import load_split
+from pipeline.infra import paths
+from pipeline.infra.config import Config
+from pipeline.infra.files import atomic_path, read_json, write_csv, write_json
+from pipeline.infra.stage import output_root, run_stage
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     """Train, evaluate, save and log one model; returns the metrics written to train.json."""
-    from pipeline.tracking import open_store_early, run_record, store_errors, tracked_run
+    from pipeline.infra.tracking import open_store_early, run_record, store_errors, tracked_run
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
-    from pipeline.model import (
+    from pipeline.core.models import (
         build_model,
         configure_threads,
         fit,
         model_requirements,
         new_session,
     )
-    from pipeline.plots import history_curves, history_rows
+    from pipeline.core.plots import history_curves, history_rows
 
     train_split = load_split(prepared_dir / "train.npz")
     test_split = load_split(prepared_dir / "test.npz")

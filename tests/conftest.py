@@ -1,7 +1,7 @@
 """Shared fixtures: tiny real IDX files, a real local HTTP server, the prepared digits dataset,
 Hydra composition of conf/ and a runner for the stage CLIs.
 
-Everything here is real: files are written with pipeline.idx, served over 127.0.0.1 by
+Everything here is real: files are written with pipeline.core.idx, served over 127.0.0.1 by
 http.server, and stages are run as `python -m pipeline.<stage>` subprocesses. Nothing touches
 the network beyond 127.0.0.1.
 """
@@ -30,9 +30,9 @@ os.environ["no_proxy"] = os.environ["NO_PROXY"] = _no_proxy
 
 from run_helpers import CONF_DIR  # noqa: E402
 
-from pipeline import paths  # noqa: E402
-from pipeline.config import DatasetConfig  # noqa: E402
-from pipeline.idx import raw_sha256, write_idx  # noqa: E402
+from pipeline.core.idx import raw_sha256, write_idx  # noqa: E402
+from pipeline.infra import paths  # noqa: E402
+from pipeline.infra.config import DatasetConfig  # noqa: E402
 
 OFFLINE_HINT_KEY = "dataset=digits"
 

@@ -34,8 +34,8 @@ _cache: dict[str, Path] = {}
 def prepared_digits(factory: pytest.TempPathFactory) -> Path:
     """The digits dataset fetched and preprocessed once per session; do not modify it."""
     if "prepared" not in _cache:
-        from pipeline.config import DatasetConfig
         from pipeline.fetch import fetch
+        from pipeline.infra.config import DatasetConfig
         from pipeline.preprocess import preprocess
 
         root = factory.mktemp("digits-data")
@@ -88,7 +88,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from pipeline.config import validate
+    from pipeline.infra.config import validate
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return validate(hydra_compose(config_name="config", overrides=list(overrides)))

@@ -1,4 +1,4 @@
-"""conf/ composes with Hydra for every group option and pipeline.config.validate checks it."""
+"""conf/ composes with Hydra for every group option and pipeline.infra.config.validate checks it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import textwrap
 import pytest
 from run_helpers import CONF_DIR, names_key
 
-from pipeline import paths
-from pipeline.config import Config, ConfigError, validate
+from pipeline.infra import paths
+from pipeline.infra.config import Config, validate
+from pipeline.infra.errors import ConfigError
 
 GROUP_OPTIONS = {
     "dataset": {"mnist", "fashion_mnist", "digits"},

@@ -45,7 +45,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_labels(prepared: Path) -> np.ndarray:
-    from pipeline.preprocess import load_split
+    from pipeline.core.data import load_split
 
     return load_split(prepared / "train.npz").labels
 
@@ -207,8 +207,8 @@ def test_shuffled_folds_depend_on_the_seed(train_labels):
 def test_more_folds_than_the_smallest_class_is_a_config_error(
     prepared, train_labels, tmp_path, tmp_path_factory
 ):
-    from pipeline.config import ConfigError
     from pipeline.crossval import crossval, fold_indices
+    from pipeline.infra.errors import ConfigError
 
     smallest = int(np.bincount(train_labels).min())
     overrides = (f"folds={smallest + 1}", "crossval.stratified=true")

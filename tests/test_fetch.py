@@ -1,4 +1,4 @@
-"""pipeline.download.fetch_file and pipeline.fetch.fetch against real mirrors: a local HTTP
+"""pipeline.infra.download.fetch_file and pipeline.fetch.fetch against real mirrors: a local HTTP
 server on 127.0.0.1, file:// URLs and plain directories."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from run_helpers import temp_files
 
-from pipeline import paths
-from pipeline.config import DatasetConfig
-from pipeline.download import OFFLINE_HINT, fetch_file, source_url
-from pipeline.errors import DataError
+from pipeline.core.idx import raw_sha256
 from pipeline.fetch import fetch
-from pipeline.idx import raw_sha256
+from pipeline.infra import paths
+from pipeline.infra.config import DatasetConfig
+from pipeline.infra.download import OFFLINE_HINT, fetch_file, source_url
+from pipeline.infra.errors import DataError
 
 NAME = paths.TRAIN_IMAGES
 MIRROR_KINDS = ("http", "file_url", "dir")
@@ -201,10 +201,10 @@ def test_404_first_mirror_falls_through_without_retrying(
 
 def test_unreachable_mirror_is_not_retried(idx_files, tmp_path, closed_port, monkeypatch):
     """Offline machines hear so at once: a refused connection is not retried with back-offs."""
-    import pipeline.download
+    import pipeline.infra.download
 
     backoffs: list[float] = []
-    monkeypatch.setattr(pipeline.download.time, "sleep", backoffs.append)
+    monkeypatch.setattr(pipeline.infra.download.time, "sleep", backoffs.append)
     dead = f"http://127.0.0.1:{closed_port}/"
     dest = tmp_path / "dest"
     with pytest.raises(DataError) as caught:

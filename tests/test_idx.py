@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import paths
-from pipeline.errors import DataError
-from pipeline.idx import (
+from pipeline.core.idx import (
     IMAGES_MAGIC,
     LABELS_MAGIC,
     parse_idx,
     raw_sha256,
     read_gzip_bytes,
+    read_split,
     write_idx,
 )
-from pipeline.preprocess import preprocess, read_split
+from pipeline.infra import paths
+from pipeline.infra.errors import DataError
+from pipeline.preprocess import preprocess
 
 
 def write_raw(path: Path, data: bytes) -> Path:

@@ -2,8 +2,9 @@
 
 Four train jobs start on a FRESH store: each is the first to open it as far as it knows, so they
 race to create MLflow's schema ("table ... already exists", "duplicate column", "database is
-locked"; daizutabi/hydraflow#245). pipeline.tracking opens the store under a file lock, so none
-fails. And a sweep with one invalid job: the other jobs must still finish, their runs FINISHED."""
+locked"; daizutabi/hydraflow#245). pipeline.infra.tracking opens the store under a file lock,
+so none fails. And a sweep with one invalid job: the other jobs must still finish, their runs
+FINISHED."""
 
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ def _running_runs(db: Path) -> int:
 
 def test_ctrl_c_on_a_parallel_sweep_leaves_no_run_running(digits_prepared: Path, tmp_path: Path):
     """joblib SIGKILLs its workers on Ctrl-C before their jobs can end their runs; the sweep's
-    own process (pipeline.callbacks.CloseInterruptedRuns) marks them, and their folds, KILLED."""
+    own process (pipeline.infra.callbacks.CloseInterruptedRuns) marks them, and their folds,
+    KILLED."""
     shutil.copytree(digits_prepared, tmp_path / "data" / "prepared")
     db = tmp_path / "mlflow.db"
     sweep = subprocess.Popen(

@@ -25,7 +25,7 @@ from PIL import Image
 from run_helpers import compose, isolated_mlflow, new_store, prepared_digits, run_module
 
 from pipeline import predict
-from pipeline.files import read_json
+from pipeline.infra.files import read_json
 
 # 30 epochs reach ~0.96 test accuracy on digits (width 64); 60 reach ~0.98, and the rendered test
 # digits below are then recognised ~95% of the time (measured per style: 0.91-0.96 over all 450).
@@ -61,7 +61,7 @@ def trained_digits(factory: pytest.TempPathFactory) -> TrainedDigits:
     (Shared with test_serving.py through this module's cache.)"""
     if "trained" in _cache:
         return _cache["trained"]
-    from pipeline.preprocess import load_split
+    from pipeline.core.data import load_split
     from pipeline.train import train
 
     root = factory.mktemp("predict")

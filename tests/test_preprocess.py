@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from run_helpers import PROJECT_ROOT
 
-from pipeline import paths
-from pipeline.idx import raw_sha256
-from pipeline.preprocess import load_split, preprocess, read_split
+from pipeline.core.data import load_split
+from pipeline.core.idx import raw_sha256, read_split
+from pipeline.infra import paths
+from pipeline.preprocess import preprocess
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DIGITS_TOTAL = 1797  # scikit-learn's bundled 8x8 digits

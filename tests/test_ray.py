@@ -150,7 +150,7 @@ def test_each_job_uses_the_cpu_ray_reserved_for_it(ray_sweep: RaySweep):
 
 
 def test_a_node_without_the_project_dir_says_what_to_do(tmp_path: Path, monkeypatch):
-    from pipeline.ray_worker import enter_project_dir
+    from pipeline.infra.ray_worker import enter_project_dir
 
     missing = tmp_path / "not-mounted-here"
     monkeypatch.setenv("PIPELINE_PROJECT_DIR", str(missing))

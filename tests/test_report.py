@@ -1,8 +1,9 @@
 """The report stage on small synthetic inputs: confusion counts, a self-contained HTML page with
 every section, the Markdown summary, clear errors for missing inputs, and logging to MLflow.
 
-The figures are real PNGs drawn by pipeline.plots; the input files are written in the layout the
-earlier stages use (pipeline.paths), so read_inputs reads exactly what `dvc repro` would give it.
+The figures are real PNGs drawn by pipeline.core.plots; the input files are written in the layout
+the earlier stages use (pipeline.infra.paths), so read_inputs reads exactly what `dvc repro` would
+give it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import pytest
 from omegaconf import OmegaConf
 from run_helpers import PROJECT_ROOT, new_store, run_module
 
-from pipeline import paths
-from pipeline.config import Config, ModelConfig
-from pipeline.errors import DataError
-from pipeline.files import write_json
-from pipeline.plots import fold_boxplot, history_curves, sample_grid
-from pipeline.preprocess import NUM_CLASSES, save_split, to_split
+from pipeline.core.data import NUM_CLASSES, save_split, to_split
+from pipeline.core.plots import fold_boxplot, history_curves, sample_grid
+from pipeline.infra import paths
+from pipeline.infra.config import Config, ModelConfig
+from pipeline.infra.errors import DataError
+from pipeline.infra.files import write_json
 from pipeline.report import ReportInputs, build_report, confusion, read_inputs
 
 SECTIONS = (
@@ -88,7 +89,7 @@ def _images(n: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The four figures the earlier stages draw, drawn small by pipeline.plots (once)."""
+    """The four figures the earlier stages draw, drawn small by pipeline.core.plots (once)."""
     out = tmp_path_factory.mktemp("figures")
     history = {"loss": [2.0, 1.0], "accuracy": [0.4, 0.7]}
     folds = [

@@ -100,7 +100,7 @@ def test_every_search_composes_validates_and_changes_only_hydra(name: str):
     assert sweeper.params, "no search space"
     for key in sweeper.params:  # a typo (model.lr) would fail every trial at run time
         assert OmegaConf.select(cfg, key) is not None, f"{key} is not a config key"
-    assert cfg.hydra.callbacks.tag_best_trial._target_ == "pipeline.callbacks.TagBestTrial"
+    assert cfg.hydra.callbacks.tag_best_trial._target_ == "pipeline.infra.callbacks.TagBestTrial"
 
 
 def test_a_search_over_train_is_refused(tmp_path_factory: pytest.TempPathFactory):

@@ -39,7 +39,7 @@ def settings(uri: str):
 
 
 def test_a_run_that_completes_ends_finished_with_params_and_tags(store: str, tmp_path: Path):
-    from pipeline.tracking import tracked_run
+    from pipeline.infra.tracking import tracked_run
 
     with isolated_mlflow(tmp_path), tracked_run(settings(store), "train", SHA) as run:
         import mlflow
@@ -56,14 +56,14 @@ def test_a_run_that_completes_ends_finished_with_params_and_tags(store: str, tmp
 
 
 def _run_that_raises(uri: str, cwd: Path, error: BaseException) -> None:
-    from pipeline.tracking import tracked_run
+    from pipeline.infra.tracking import tracked_run
 
     with isolated_mlflow(cwd), tracked_run(settings(uri), "train", SHA):
         raise error
 
 
 def _stage_terminated() -> BaseException:
-    from pipeline.stage import Terminated
+    from pipeline.infra.stage import Terminated
 
     return Terminated("received signal 15")
 
@@ -108,7 +108,7 @@ def test_a_run_that_raises_is_ended_and_the_error_propagates(
 def test_a_failing_fold_fails_its_child_run_and_the_parent(store: str, tmp_path: Path):
     import mlflow
 
-    from pipeline.tracking import child_run, tracked_run
+    from pipeline.infra.tracking import child_run, tracked_run
 
     started = {}
     with (
@@ -134,8 +134,8 @@ def test_a_failing_fold_fails_its_child_run_and_the_parent(store: str, tmp_path:
 
 
 def test_an_unreachable_tracking_server_fails_before_a_run_starts(tmp_path: Path):
-    from pipeline.errors import TrackingError
-    from pipeline.tracking import tracked_run
+    from pipeline.infra.errors import TrackingError
+    from pipeline.infra.tracking import tracked_run
 
     cfg = settings(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     entered = False

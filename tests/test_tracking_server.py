@@ -366,7 +366,7 @@ def test_a_job_that_loses_the_race_to_create_the_experiment_uses_the_winners(
     just before another job created it, so its own create_experiment is refused."""
     import mlflow
 
-    from pipeline.tracking import _open_store
+    from pipeline.infra.tracking import _open_store
 
     name = f"race-{time.time_ns()}"
     winner = _open_store(stack.url, name)

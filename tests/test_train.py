@@ -83,7 +83,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def test_split(prepared: Path):
-    from pipeline.preprocess import load_split
+    from pipeline.core.data import load_split
 
     return load_split(prepared / "test.npz")
 
@@ -297,7 +297,7 @@ def test_a_different_seed_gives_a_different_run(seeded_runs):
 
 
 def test_unknown_optimizer_fails_before_any_run_is_started(prepared, tmp_path, tmp_path_factory):
-    from pipeline.config import ConfigError
+    from pipeline.infra.errors import ConfigError
 
     uri = new_store(tmp_path_factory, tmp_path)
     with pytest.raises(ConfigError, match=r"model\.optimizer='nonsense'"):

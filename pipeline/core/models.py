@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError, ModelConfig
-from pipeline.preprocess import NUM_CLASSES
-from pipeline.stage import quiet_stderr
+from pipeline.core.data import NUM_CLASSES
+from pipeline.infra.config import Config, ModelConfig
+from pipeline.infra.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence C-level writes to stderr: TensorFlow's import prints absl/oneDNN banners that
+    TF_CPP_MIN_LOG_LEVEL does not reach (tensorflow/tensorflow#100442). Python exceptions raised
+    inside still propagate and print normally once stderr is restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
 
 with quiet_stderr():
     import keras

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only: no display needed, works headless and in CI
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.files import atomic_path
+from pipeline.infra.files import atomic_path
 
 TRAIN_COLOR, VALIDATION_COLOR = "red", "green"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.core.data import NUM_CLASSES
+from pipeline.infra.errors import DataError
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
 LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (N)
@@ -79,3 +80,23 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     # filename="": no FNAME field, else the (random) temporary name would be in the header.
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         f.write(header + array.tobytes())
+
+
+def read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Parse one images/labels pair; returns (images, labels, sha256 of their raw bytes)."""
+    for path in (images_path, labels_path):
+        if not path.exists():
+            raise DataError(f"{path} is missing. Run `python -m pipeline.fetch` (or `dvc repro`).")
+    image_bytes, label_bytes = read_gzip_bytes(images_path), read_gzip_bytes(labels_path)
+    images = parse_idx(image_bytes, IMAGES_MAGIC, images_path)
+    labels = parse_idx(label_bytes, LABELS_MAGIC, labels_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: expected 3 dimensions (N, rows, cols), got {images.shape}")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise DataError(f"{labels_path}: label {labels.max()} is outside 0..{NUM_CLASSES - 1}")
+    digest = hashlib.sha256(image_bytes + label_bytes).hexdigest()
+    return images, labels, digest

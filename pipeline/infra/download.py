@@ -19,9 +19,9 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import DataError
-from pipeline.files import atomic_path
-from pipeline.idx import raw_sha256
+from pipeline.core.idx import raw_sha256
+from pipeline.infra.errors import DataError
+from pipeline.infra.files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import LOCAL_TRACKING_URI, Config, validate
-from pipeline.errors import PipelineError, TrackingError, first_line, interrupt_in
+from pipeline.infra.config import LOCAL_TRACKING_URI, Config, validate
+from pipeline.infra.errors import PipelineError, TrackingError, first_line, interrupt_in
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
@@ -44,6 +44,25 @@ def store_uri(uri: str | None = None) -> str:
     """The store a command outside Hydra reads (compare, predict, registry): `uri`, else
     MLFLOW_TRACKING_URI, else the project's own sqlite store."""
     return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
+
+
+# What creates a missing store, for the commands that read a trained model from one.
+NO_STORE_FIX = (
+    "train a model first (`dvc repro` or `python -m pipeline.train`), or name the store with "
+    "--tracking-uri or MLFLOW_TRACKING_URI"
+)
+
+
+@contextlib.contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """Make `uri` MLflow's store (tracking and, by default, registry) for the block, then restore
+    the previous one exactly. mlflow.register_model and mlflow.pyfunc.load_model take no store
+    argument, and mlflow.set_tracking_uri alone would also leave MLFLOW_TRACKING_URI exported to
+    every later subprocess."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
 
 
 def experiment_name(cfg: Config) -> str:

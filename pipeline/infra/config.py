@@ -8,11 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.errors import PipelineError, first_line
-
-
-class ConfigError(PipelineError):
-    """A config value that is out of range, mistyped or unknown; the message names the key."""
+from pipeline.infra.errors import ConfigError, first_line
 
 
 @dataclass

@@ -24,8 +24,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.compare import filter_literal, load_runs, resolve_sweep
-from pipeline.errors import PipelineError
-from pipeline.tracking import experiment_name, sweep_settings, sweep_tag, tracking_uri
+from pipeline.infra.errors import PipelineError
+from pipeline.infra.tracking import experiment_name, sweep_settings, sweep_tag, tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,10 @@ class DataError(PipelineError):
     """Raw or prepared data is missing, unreachable, corrupt or malformed."""
 
 
+class ConfigError(PipelineError):
+    """A config value that is out of range, mistyped or unknown; the message names the key."""
+
+
 class TrackingError(PipelineError):
     """The MLflow tracking store cannot be reached or used."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -14,8 +13,8 @@ from typing import NoReturn, TypeVar
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from pipeline.config import Config, validate
-from pipeline.errors import PipelineError, interrupt_in
+from pipeline.infra.config import Config, validate
+from pipeline.infra.errors import PipelineError, interrupt_in
 
 T = TypeVar("T")
 
@@ -34,23 +33,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence C-level writes to stderr: TensorFlow's import prints absl/oneDNN banners that
-    TF_CPP_MIN_LOG_LEVEL does not reach (tensorflow/tensorflow#100442). Python exceptions raised
-    inside still propagate and print normally once stderr is restored."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _in_sweep_job() -> bool:
