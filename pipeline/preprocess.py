@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def preprocess(raw_dir: Path, out_dir: Path, dataset: str) -> dict:
     """Turn raw_dir's four IDX files into out_dir's arrays, summary and sample grid."""
-    from pipeline.core.plots import sample_grid
+    from pipeline.core.grids import sample_grid
 
     train_images, train_labels, train_sha = read_split(
         raw_dir / paths.TRAIN_IMAGES, raw_dir / paths.TRAIN_LABELS

@@ -107,7 +107,8 @@ text-align:right}img{max-width:100%}pre{background:#f4f4f4;padding:1rem;overflow
 
 def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
     """Write report.html and report.md into out_dir; returns their paths."""
-    from pipeline.core.plots import confusion_matrix, image_gallery
+    from pipeline.core.grids import image_gallery
+    from pipeline.core.plots import confusion_matrix
 
     matrix = confusion(inputs.actual, inputs.predicted)
     per_class = [

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from run_helpers import PROJECT_ROOT, new_store, run_module
 
 from pipeline.core.data import NUM_CLASSES, save_split, to_split
-from pipeline.core.plots import fold_boxplot, history_curves, sample_grid
+from pipeline.core.grids import sample_grid
+from pipeline.core.plots import fold_boxplot, history_curves
 from pipeline.infra import paths
 from pipeline.infra.config import Config, ModelConfig
 from pipeline.infra.errors import DataError

@@ -1,4 +1,4 @@
-"""The figures: the seed article's sample grid, history curves, fold boxplot, confusion matrix."""
+"""The training figures: history curves, fold boxplot, confusion matrix (image grids: grids.py)."""
 
 from __future__ import annotations
 
@@ -17,20 +17,10 @@ from pipeline.infra.files import atomic_path
 TRAIN_COLOR, VALIDATION_COLOR = "red", "green"
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
-
-
-def sample_grid(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
-    """3x3 grid of the first nine images with their labels."""
-    fig, axes = plt.subplots(3, 3, figsize=(5, 5))
-    for ax, image, label in zip(axes.flat, images[:9], labels[:9], strict=False):
-        ax.imshow(image, cmap="gray")
-        ax.set_title(str(label))
-        ax.axis("off")
-    _save(fig, path)
 
 
 def history_rows(history: Mapping[str, Sequence[float]], **extra: int) -> list[dict[str, float]]:
@@ -63,7 +53,7 @@ def history_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Pat
         ax.set_title(title)
         ax.legend()
     acc_ax.set_xlabel("epoch")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def fold_boxplot(accuracies: Sequence[float], path: Path) -> None:
@@ -73,7 +63,7 @@ def fold_boxplot(accuracies: Sequence[float], path: Path) -> None:
     ax.set_xticks([1], [f"{len(accuracies)} folds"])
     ax.set_ylabel("accuracy")
     ax.set_title("Cross-validation accuracy")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def confusion_matrix(matrix: np.ndarray, path: Path) -> None:
@@ -90,16 +80,4 @@ def confusion_matrix(matrix: np.ndarray, path: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(image, ax=ax)
-    _save(fig, path)
-
-
-def image_gallery(images: np.ndarray, titles: Sequence[str], path: Path, columns: int = 8) -> None:
-    """Small multiples of images with a caption each (e.g. misclassified digits)."""
-    rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(image, cmap="gray")
-        ax.set_title(title, fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
