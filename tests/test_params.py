@@ -5,15 +5,20 @@ someone edits conf/ without regenerating params.yaml (or edits params.yaml by ha
 tests pin down that the composition is DVC's own (the one `dvc exp run` does), that it is the
 same config Hydra's compose API gives the stages, and that the command regenerates and refuses
 what it should, on a temporary copy of conf/ and params.yaml.
+
+Two rules of docs/ARCHITECTURE.md live here too, each shown to fail when broken: the schema's
+dataclass defaults are conf/'s defaults (no second set drifts apart), and dvc.yaml lists as a
+stage's deps exactly the pipeline modules it runs. And every option of every conf/ group composes.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 import yaml
@@ -50,12 +55,12 @@ def _validated(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(validate(cfg)))  # type: ignore[return-value]
 
 
-def _schema_leaves(schema: dict, prefix: str = "") -> list[str]:
+def _schema_leaves(schema: type = Config, prefix: str = "") -> list[str]:
     """Dotted keys of the schema's fields; a dict-valued field (dataset.files) is one leaf."""
     keys: list[str] = []
-    for key, value in schema.items():
-        if isinstance(value, dict) and value:  # a nested config section
-            keys += _schema_leaves(value, f"{prefix}{key}.")
+    for key, kind in get_type_hints(schema).items():
+        if dataclasses.is_dataclass(kind):  # a nested config section
+            keys += _schema_leaves(kind, f"{prefix}{key}.")
         else:
             keys.append(f"{prefix}{key}")
     return keys
@@ -95,7 +100,7 @@ def test_validated_conf_equals_params_yaml_on_every_schema_key() -> None:
     assert set(params) == set(schema)
     assert from_conf == _validated(OmegaConf.create(params))
     checked = 0
-    for key in _schema_leaves(schema):
+    for key in _schema_leaves():
         try:
             value = _get(params, key)
         except KeyError:
@@ -103,6 +108,131 @@ def test_validated_conf_equals_params_yaml_on_every_schema_key() -> None:
         assert OmegaConf.create({"v": _get(from_conf, key)}) == OmegaConf.create({"v": value}), key
         checked += 1
     assert checked >= 20  # nearly every key is set explicitly in conf/
+
+
+# The chosen dataset's own data, not defaults: every conf/dataset/*.yaml sets them and the schema
+# leaves them empty. A non-empty schema default would leak into other datasets: OmegaConf merges a
+# dict field key by key, so mnist's files would be added to every dataset's `dataset.files`.
+DATASET_OWN = {"dataset.mirrors", "dataset.files"}
+# Set by conf/dataset/digits.yaml only (its own train/test split): with the default mnist,
+# conf/ leaves them to the schema.
+SCHEMA_ONLY = {"dataset.test_fraction", "dataset.split_seed"}
+
+
+def _default_drift(defaults: dict, composed: dict) -> list[str]:
+    """One line per schema key whose dataclass default (`defaults`, the schema as a container)
+    differs from conf/ composed with its default choices (`composed`, a plain container).
+
+    A key conf/ sets is compared after validation (conf's `30` for a float field is 30.0); a
+    key conf/ does not set must be one of SCHEMA_ONLY, so a new schema field cannot hide a
+    default that params.yaml (and so DVC) never sees.
+    """
+    validated = _validated(OmegaConf.create(composed))
+    found = []
+    for key in _schema_leaves():
+        default = _get(defaults, key)
+        if key in DATASET_OWN:
+            if default:
+                found.append(f"{key}: schema default {default!r}, expected empty (dataset data)")
+            continue
+        try:
+            _get(composed, key)
+        except KeyError:
+            if key not in SCHEMA_ONLY:
+                found.append(f"{key}: schema default {default!r}, not set in conf/")
+            continue
+        if _get(validated, key) != default:
+            found.append(f"{key}: schema default {default!r}, conf/ {_get(validated, key)!r}")
+    return found
+
+
+def _schema_defaults() -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(Config))  # type: ignore[return-value]
+
+
+def test_schema_defaults_equal_conf_defaults() -> None:
+    """The dataclass defaults of pipeline/infra/config.py are conf/ composed with its default
+    choices, key by key: two sets of defaults that cannot drift apart. conf/ is the source of
+    truth; on a failure, fix the schema's default."""
+    composed = OmegaConf.to_container(_compose(CONF, "config"), resolve=True)
+    found = _default_drift(_schema_defaults(), composed)  # type: ignore[arg-type]
+    assert not found, "\n".join(found)
+
+
+def test_every_dataset_sets_its_own_data() -> None:
+    for option in sorted((CONF / "dataset").glob("*.yaml")):
+        dataset = yaml.safe_load(option.read_text(encoding="utf-8"))
+        assert dataset["name"] == option.stem
+        assert {f"dataset.{k}" for k in dataset} >= DATASET_OWN, option.name
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "expected"),
+    [
+        ("schema", "epochs", 6, "epochs: schema default 6, conf/ 5"),
+        ("schema", "model.optimizer", "adam", "model.optimizer: schema default 'adam'"),
+        ("schema", "dataset.files", {"a.gz": "0" * 64}, "dataset.files: schema default"),
+        ("conf", "crossval.shuffle", False, "crossval.shuffle: schema default True, conf/ False"),
+        ("conf", "folds", None, "folds: schema default 5, not set in conf/"),
+    ],
+)
+def test_a_drifted_default_is_found(where: str, key: str, value: Any, expected: str) -> None:
+    """A changed default on either side (None: conf/ no longer sets the key) is reported: one
+    new finding besides those the repository may have (test_schema_defaults_equal_conf_defaults
+    requires none)."""
+    defaults = _schema_defaults()
+    composed = OmegaConf.to_container(_compose(CONF, "config"), resolve=True)
+    assert isinstance(composed, dict)
+    before = _default_drift(defaults, composed)
+    section = defaults if where == "schema" else composed
+    *parents, leaf = key.split(".")
+    for part in parents:
+        section = section[part]
+    if value is None:
+        del section[leaf]
+    else:
+        section[leaf] = value
+    found = [line for line in _default_drift(defaults, composed) if line not in before]
+    assert len(found) == 1 and expected in found[0], found
+
+
+def _config_choices() -> list[tuple[str, str]]:
+    """(group, option) for every config file in a group folder of conf/, e.g. (model, cnn),
+    (hydra/launcher, ray_cluster)."""
+    return sorted(
+        (path.parent.relative_to(CONF).as_posix(), path.stem) for path in CONF.glob("*/**/*.yaml")
+    )
+
+
+def test_the_config_groups_are_all_seen() -> None:
+    groups = {group for group, _ in _config_choices()}
+    expected = {"dataset", "model", "tracking", "hparams_search", "debug", "hydra/launcher"}
+    assert groups >= expected
+    assert ("debug", "fast") in _config_choices()
+
+
+@pytest.mark.parametrize(("group", "option"), _config_choices())
+def test_every_config_choice_composes_and_validates(group: str, option: str) -> None:
+    """Each option of each group composes with the rest of conf/ (the Ray launcher and the Optuna
+    sweeper through their installed plugins) and its settings pass the schema."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"{group}={option}"], return_hydra_config=True)
+    assert cfg.hydra.runtime.choices[group] == option
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
+
+
+def test_the_debug_preset_is_a_small_offline_run() -> None:
+    fast = validate(_compose(CONF, "config", "debug=fast"))
+    assert fast.dataset.name == "digits"
+    assert (fast.epochs, fast.folds, fast.threads) == (1, 2, 1)
+    assert fast.width < validate(_compose(CONF, "config")).width
+    # keys given on the command line still win over the preset
+    assert validate(_compose(CONF, "config", "debug=fast", "epochs=3")).epochs == 3
 
 
 def test_stages_read_params_yaml_through_hydra_as_conf() -> None:
@@ -139,12 +269,46 @@ def _code_deps(module: str) -> set[str]:
     return {_module_path(m).relative_to(ROOT).as_posix() for m in seen}
 
 
-def test_every_stage_depends_on_the_code_it_runs() -> None:
-    """dvc.yaml's code deps are honest: editing a module a stage imports re-runs that stage."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+def _deps_mismatches(stages: dict) -> list[str]:
+    """One line per stage of dvc.yaml's `stages` whose pipeline/ deps are not the code it runs."""
+    found = []
     for name, stage in stages.items():
         listed = {d for d in stage["deps"] if d.startswith("pipeline/")}
-        assert listed == _code_deps(name), name
+        needed = _code_deps(name)
+        if missing := sorted(needed - listed):
+            found.append(f"{name}: runs {missing} but does not list it in deps")
+        if extra := sorted(listed - needed):
+            found.append(f"{name}: lists {extra} in deps but does not run it")
+    return found
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def test_every_stage_depends_on_the_code_it_runs() -> None:
+    """dvc.yaml's code deps are honest: editing a module a stage imports re-runs that stage."""
+    found = _deps_mismatches(_stages())
+    assert not found, "\n".join(found)
+
+
+def test_a_missing_or_extra_code_dep_is_found() -> None:
+    """The deps check fails on a dvc.yaml that drops a module train runs or that lists one it
+    does not run (the sample grid)."""
+    stages = {name: {"deps": ["data/prepared", *sorted(_code_deps(name))]} for name in _stages()}
+    assert _deps_mismatches(stages) == []
+    train = stages["train"]["deps"]
+    assert "pipeline/core/data.py" in _code_deps("train")
+    assert "pipeline/core/grids.py" not in _code_deps("train")
+
+    stages["train"]["deps"] = [d for d in train if d != "pipeline/core/data.py"]
+    assert _deps_mismatches(stages) == [
+        "train: runs ['pipeline/core/data.py'] but does not list it in deps"
+    ]
+    stages["train"]["deps"] = [*train, "pipeline/core/grids.py"]
+    assert _deps_mismatches(stages) == [
+        "train: lists ['pipeline/core/grids.py'] in deps but does not run it"
+    ]
 
 
 def test_dvc_exp_run_composes_the_same_params_yaml(tmp_path: Path) -> None:
@@ -164,6 +328,11 @@ def test_dvc_exp_run_composes_the_same_params_yaml(tmp_path: Path) -> None:
     compose_and_dump(out, str(config_dir), None, config_name, str(ROOT), [])
     assert out.read_text(encoding="utf-8") == PARAMS.read_text(encoding="utf-8")
     assert pipeline.params.compose_params() == out.read_text(encoding="utf-8")
+
+    # a group choice such as the test-size preset composes there as it does for the stages
+    compose_and_dump(out, str(config_dir), None, config_name, str(ROOT), ["debug=fast"])
+    fast = yaml.safe_load(out.read_text(encoding="utf-8"))
+    assert _validated(OmegaConf.create(fast)) == _validated(_compose(CONF, "config", "debug=fast"))
 
 
 # --------------------------------------------------------------------------- a temporary copy
