@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from pipeline.core.idx import write_idx
 from pipeline.infra import paths
-from pipeline.infra.config import Config, DatasetConfig
+from pipeline.infra.config import Config, DatasetConfig, IdxPair
 from pipeline.infra.download import fetch_file
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import atomic_path
@@ -20,8 +20,11 @@ from pipeline.infra.stage import run_stage
 log = logging.getLogger(__name__)
 
 
-def export_digits(dest: Path, test_fraction: float, seed: int) -> list[Path]:
-    """Write scikit-learn's 8x8 digits as the four IDX files, split with a fixed seed.
+def export_digits(
+    dest: Path, *, train: IdxPair, test: IdxPair, test_fraction: float, seed: int
+) -> list[Path]:
+    """Write scikit-learn's 8x8 digits as four IDX files named by `train` and `test`, split
+    with a fixed seed (stratified, `test_fraction` of the 1,797 images held out).
 
     Pixel values 0..16 are stretched to 0..255 so preprocessing is the same as for MNIST.
     """
@@ -35,10 +38,10 @@ def export_digits(dest: Path, test_fraction: float, seed: int) -> list[Path]:
         images, labels, test_size=test_fraction, random_state=seed, stratify=labels
     )
     arrays = {
-        paths.TRAIN_IMAGES: x_train,
-        paths.TRAIN_LABELS: y_train,
-        paths.TEST_IMAGES: x_test,
-        paths.TEST_LABELS: y_test,
+        train.images: x_train,
+        train.labels: y_train,
+        test.images: x_test,
+        test.labels: y_test,
     }
     written = []
     for name, array in arrays.items():
@@ -50,15 +53,23 @@ def export_digits(dest: Path, test_fraction: float, seed: int) -> list[Path]:
 
 
 def fetch(dataset: DatasetConfig, raw_dir: Path) -> list[Path]:
-    """Make raw_dir/<dataset.name>/ hold the dataset's four verified IDX .gz files."""
+    """Make raw_dir/<dataset.name>/ hold the dataset's four verified IDX .gz files: the ones
+    dataset.files lists (the schema checks they are the ones dataset.train/test name), or for
+    digits, scikit-learn's exported under dataset.train/test's names."""
     dest = raw_dir / dataset.name
     dest.mkdir(parents=True, exist_ok=True)
     if dataset.name == "digits":
-        return export_digits(dest, dataset.test_fraction, dataset.split_seed)
-    if set(dataset.files) != set(paths.IDX_FILES):
+        return export_digits(
+            dest,
+            train=dataset.train,
+            test=dataset.test,
+            test_fraction=dataset.test_fraction,
+            seed=dataset.split_seed,
+        )
+    if not dataset.files:
         raise DataError(
-            f"dataset.files must list exactly {list(paths.IDX_FILES)} with their SHA-256; "
-            f"got {sorted(dataset.files)}"
+            f"dataset.files is empty: nothing to fetch for dataset {dataset.name!r}. List its "
+            f"four IDX files with their SHA-256 in conf/dataset/{dataset.name}.yaml"
         )
     return [
         fetch_file(

@@ -25,16 +25,19 @@ from pipeline.infra.stage import run_stage
 log = logging.getLogger(__name__)
 
 
-def preprocess(raw_dir: Path, out_dir: Path, dataset: str) -> dict:
-    """Turn raw_dir's four IDX files into out_dir's arrays, summary and sample grid."""
+def preprocess(
+    raw_dir: Path, out_dir: Path, dataset: str, *, train: tuple[str, str], test: tuple[str, str]
+) -> dict:
+    """Turn raw_dir's four IDX files into out_dir's arrays, summary and sample grid.
+
+    `train` and `test` name each split's (images, labels) files in raw_dir; `dataset` is the
+    name the summary records. Returns the summary. Raises DataError for a missing or malformed
+    file, or train and test images of different sizes.
+    """
     from pipeline.core.grids import sample_grid
 
-    train_images, train_labels, train_sha = read_split(
-        raw_dir / paths.TRAIN_IMAGES, raw_dir / paths.TRAIN_LABELS
-    )
-    test_images, test_labels, test_sha = read_split(
-        raw_dir / paths.TEST_IMAGES, raw_dir / paths.TEST_LABELS
-    )
+    train_images, train_labels, train_sha = read_split(raw_dir / train[0], raw_dir / train[1])
+    test_images, test_labels, test_sha = read_split(raw_dir / test[0], raw_dir / test[1])
     if train_images.shape[1:] != test_images.shape[1:]:
         raise DataError(
             f"train images are {train_images.shape[1:]} but test images {test_images.shape[1:]}"
@@ -73,7 +76,14 @@ def preprocess(raw_dir: Path, out_dir: Path, dataset: str) -> dict:
 
 
 def _run(cfg: Config) -> None:
-    preprocess(paths.RAW_DIR / cfg.dataset.name, paths.PREPARED_DIR, cfg.dataset.name)
+    dataset = cfg.dataset
+    preprocess(
+        paths.RAW_DIR / dataset.name,
+        paths.PREPARED_DIR,
+        dataset.name,
+        train=(dataset.train.images, dataset.train.labels),
+        test=(dataset.test.images, dataset.test.labels),
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -31,7 +31,6 @@ os.environ["no_proxy"] = os.environ["NO_PROXY"] = _no_proxy
 from run_helpers import CONF_DIR  # noqa: E402
 
 from pipeline.core.idx import raw_sha256, write_idx  # noqa: E402
-from pipeline.infra import paths  # noqa: E402
 from pipeline.infra.config import DatasetConfig  # noqa: E402
 
 OFFLINE_HINT_KEY = "dataset=digits"
@@ -40,14 +39,28 @@ OFFLINE_HINT_KEY = "dataset=digits"
 # --------------------------------------------------------------------------- tiny IDX files
 
 
+# The tiny files carry MNIST's names, the schema's default dataset.train/test.
+TINY = DatasetConfig()
+
+
 def tiny_arrays() -> dict[str, np.ndarray]:
     """The four IDX arrays: 12 train and 6 test 28x28 uint8 images with labels 0..9."""
     rng = np.random.default_rng(1234)
     return {
-        paths.TRAIN_IMAGES: rng.integers(0, 256, size=(12, 28, 28), dtype=np.uint8),
-        paths.TRAIN_LABELS: (np.arange(12) % 10).astype(np.uint8),
-        paths.TEST_IMAGES: rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8),
-        paths.TEST_LABELS: np.array([9, 8, 7, 0, 1, 2], dtype=np.uint8),
+        TINY.train.images: rng.integers(0, 256, size=(12, 28, 28), dtype=np.uint8),
+        TINY.train.labels: (np.arange(12) % 10).astype(np.uint8),
+        TINY.test.images: rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8),
+        TINY.test.labels: np.array([9, 8, 7, 0, 1, 2], dtype=np.uint8),
+    }
+
+
+@pytest.fixture
+def idx_names() -> dict[str, tuple[str, str]]:
+    """{"train": (images, labels), "test": (images, labels)}: the file names `idx_files` writes,
+    as preprocess takes them (`preprocess(raw, out, name, **idx_names)`)."""
+    return {
+        split: (pair.images, pair.labels)
+        for split, pair in (("train", TINY.train), ("test", TINY.test))
     }
 
 

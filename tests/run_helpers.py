@@ -39,8 +39,16 @@ def prepared_digits(factory: pytest.TempPathFactory) -> Path:
         from pipeline.preprocess import preprocess
 
         root = factory.mktemp("digits-data")
-        fetch(DatasetConfig(name="digits"), root / "raw")
-        preprocess(root / "raw" / "digits", root / "prepared", "digits")
+        digits = DatasetConfig(name="digits")
+        fetch(digits, root / "raw")
+        train, test = digits.train, digits.test
+        preprocess(
+            root / "raw" / "digits",
+            root / "prepared",
+            "digits",
+            train=(train.images, train.labels),
+            test=(test.images, test.labels),
+        )
         _cache["prepared"] = root / "prepared"
     return _cache["prepared"]
 

@@ -11,10 +11,16 @@ import textwrap
 import pytest
 from run_helpers import CONF_DIR, names_key
 
-from pipeline.infra import paths
 from pipeline.infra.config import Config, validate
 from pipeline.infra.errors import ConfigError
 
+# MNIST's and Fashion-MNIST's four IDX files (the same names).
+IDX_FILES = {
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+}
 GROUP_OPTIONS = {
     "dataset": {"mnist", "fashion_mnist", "digits"},
     "model": {"mlp", "cnn"},
@@ -33,7 +39,7 @@ def test_default_config_validates(compose):
     assert (cfg.epochs, cfg.batch_size, cfg.folds, cfg.width) == (5, 128, 5, 512)
     assert cfg.dataset.name == "mnist"
     assert cfg.model.name == "mlp"
-    assert set(cfg.dataset.files) == set(paths.IDX_FILES)
+    assert set(cfg.dataset.files) == IDX_FILES
     assert all(re.fullmatch(r"[0-9a-f]{64}", sha) for sha in cfg.dataset.files.values())
     assert cfg.dataset.mirrors
 
@@ -49,7 +55,7 @@ def test_every_group_option_composes_and_validates(compose, group, option):
         if option == "digits":
             assert cfg.dataset.mirrors == [] and cfg.dataset.files == {}
         else:
-            assert set(cfg.dataset.files) == set(paths.IDX_FILES)
+            assert set(cfg.dataset.files) == IDX_FILES
             assert cfg.dataset.mirrors
     elif group == "model":
         assert cfg.model.name == option

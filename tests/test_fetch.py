@@ -14,12 +14,11 @@ from run_helpers import temp_files
 
 from pipeline.core.idx import raw_sha256
 from pipeline.fetch import fetch
-from pipeline.infra import paths
-from pipeline.infra.config import DatasetConfig
+from pipeline.infra.config import DatasetConfig, IdxPair
 from pipeline.infra.download import OFFLINE_HINT, fetch_file, source_url
-from pipeline.infra.errors import DataError
+from pipeline.infra.errors import ConfigError, DataError
 
-NAME = paths.TRAIN_IMAGES
+NAME = DatasetConfig().train.images  # MNIST's, the name of a tiny file (conftest.py)
 MIRROR_KINDS = ("http", "file_url", "dir")
 
 
@@ -306,22 +305,50 @@ def test_fetch_stage_gets_all_four_files(idx_files, mirror_dir, tmp_path, http_s
     dataset = DatasetConfig(name="mnist", mirrors=[served.url], files=idx_files, retries=0)
     raw = tmp_path / "raw"
     written = fetch(dataset, raw)
-    assert sorted(written) == sorted(raw / "mnist" / name for name in paths.IDX_FILES)
+    assert len(idx_files) == 4
+    assert sorted(written) == sorted(raw / "mnist" / name for name in idx_files)
     for name, sha in idx_files.items():
         assert raw_sha256(raw / "mnist" / name) == sha
-    assert sorted(served.requests) == sorted(f"/{name}" for name in paths.IDX_FILES)
+    assert sorted(served.requests) == sorted(f"/{name}" for name in idx_files)
 
     fetch(dataset, raw)  # everything present and valid: no request at all
-    assert len(served.requests) == len(paths.IDX_FILES)
+    assert len(served.requests) == len(idx_files)
 
 
 def test_fetch_stage_requires_exactly_the_four_files(idx_files, mirror_dir, tmp_path):
+    """The schema checks dataset.files against dataset.train/test before anything is fetched."""
     files = dict(idx_files)
-    files.pop(paths.TEST_LABELS)
-    dataset = DatasetConfig(name="mnist", mirrors=[str(mirror_dir)], files=files)
-    with pytest.raises(DataError, match=r"dataset\.files"):
+    test_labels = DatasetConfig().test.labels
+    files.pop(test_labels)
+    with pytest.raises(ConfigError, match=r"dataset\.test\.labels") as missing:
+        DatasetConfig(name="mnist", mirrors=[str(mirror_dir)], files=files)
+    assert test_labels in str(missing.value) and "\n" not in str(missing.value)
+
+    extra = {**idx_files, "extra-idx1-ubyte.gz": "0" * 64}
+    with pytest.raises(ConfigError, match=r"dataset\.files.*extra-idx1-ubyte\.gz"):
+        DatasetConfig(name="mnist", mirrors=[str(mirror_dir)], files=extra)
+
+
+def test_a_file_name_used_twice_is_rejected():
+    default = DatasetConfig()
+    twice = IdxPair(images=default.train.images, labels=default.test.labels)
+    with pytest.raises(ConfigError, match=r"dataset\.test\.images='train-images-idx3-ubyte\.gz'"):
+        DatasetConfig(name="digits", test=twice)
+
+
+def test_fetch_stage_without_files_names_the_key(tmp_path):
+    dataset = DatasetConfig(name="mnist", mirrors=["https://example.invalid/"], files={})
+    with pytest.raises(DataError, match=r"dataset\.files is empty.*conf/dataset/mnist\.yaml"):
         fetch(dataset, tmp_path / "raw")
     assert list((tmp_path / "raw" / "mnist").iterdir()) == []
+
+
+def test_fetch_cli_rejects_a_file_name_missing_from_files(cli, tmp_path):
+    result = cli(tmp_path, "pipeline.fetch", "dataset.test.labels=labels.gz")
+    assert result.returncode != 0
+    assert "error: dataset.test.labels='labels.gz' is invalid" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_fetch_cli_with_dead_mirror_exits_with_offline_hint(cli, tmp_path, closed_port):

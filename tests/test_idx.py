@@ -19,7 +19,7 @@ from pipeline.core.idx import (
     read_split,
     write_idx,
 )
-from pipeline.infra import paths
+from pipeline.infra.config import DatasetConfig
 from pipeline.infra.errors import DataError
 from pipeline.preprocess import preprocess
 
@@ -39,6 +39,7 @@ def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
 
 IMAGES = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8)
 LABELS = np.array([0, 5, 9], dtype=np.uint8)
+NAMES = DatasetConfig()  # MNIST's file names, which the tiny files (conftest.py) carry
 
 
 # --------------------------------------------------------------------------- round trip
@@ -65,12 +66,12 @@ def test_write_idx_is_reproducible_and_raw_sha256_hashes_the_content(tmp_path):
 
 def test_read_split_returns_images_labels_and_a_content_hash(idx_files, mirror_dir, idx_arrays):
     images, labels, digest = read_split(
-        mirror_dir / paths.TRAIN_IMAGES, mirror_dir / paths.TRAIN_LABELS
+        mirror_dir / NAMES.train.images, mirror_dir / NAMES.train.labels
     )
-    np.testing.assert_array_equal(images, idx_arrays[paths.TRAIN_IMAGES])
-    np.testing.assert_array_equal(labels, idx_arrays[paths.TRAIN_LABELS])
+    np.testing.assert_array_equal(images, idx_arrays[NAMES.train.images])
+    np.testing.assert_array_equal(labels, idx_arrays[NAMES.train.labels])
     assert len(digest) == 64
-    _, _, test_digest = read_split(mirror_dir / paths.TEST_IMAGES, mirror_dir / paths.TEST_LABELS)
+    _, _, test_digest = read_split(mirror_dir / NAMES.test.images, mirror_dir / NAMES.test.labels)
     assert test_digest != digest
 
 
@@ -78,7 +79,7 @@ def test_read_split_returns_images_labels_and_a_content_hash(idx_files, mirror_d
 
 
 def test_wrong_magic_number(tmp_path):
-    path = write_raw(tmp_path / paths.TRAIN_IMAGES, idx_bytes(LABELS))  # a labels file
+    path = write_raw(tmp_path / NAMES.train.images, idx_bytes(LABELS))  # a labels file
     with pytest.raises(DataError, match="magic number") as excinfo:
         parse_idx(read_gzip_bytes(path), IMAGES_MAGIC, path)
     assert str(path) in str(excinfo.value)
@@ -97,7 +98,7 @@ def test_wrong_magic_bytes_are_rejected(tmp_path, magic):
 def test_count_in_header_not_matching_size(tmp_path, delta):
     data = idx_bytes(IMAGES)
     data = data[:delta] if delta < 0 else data + b"\x00" * delta
-    path = write_raw(tmp_path / paths.TRAIN_IMAGES, data)
+    path = write_raw(tmp_path / NAMES.train.images, data)
     with pytest.raises(DataError, match="truncated or corrupt") as excinfo:
         parse_idx(read_gzip_bytes(path), IMAGES_MAGIC, path)
     assert str(path) in str(excinfo.value)
@@ -114,7 +115,7 @@ def test_count_in_header_not_matching_size(tmp_path, delta):
     ids=["empty", "3-bytes", "8-bytes", "12-bytes"],
 )
 def test_header_too_short(tmp_path, data, reason):
-    path = write_raw(tmp_path / paths.TRAIN_IMAGES, data)
+    path = write_raw(tmp_path / NAMES.train.images, data)
     with pytest.raises(DataError) as excinfo:
         parse_idx(read_gzip_bytes(path), IMAGES_MAGIC, path)
     message = str(excinfo.value)
@@ -139,8 +140,8 @@ def test_read_gzip_bytes_names_a_corrupt_file(tmp_path):
 
 
 def test_images_and_labels_length_mismatch(tmp_path):
-    images = write_raw(tmp_path / paths.TRAIN_IMAGES, idx_bytes(IMAGES))
-    labels = write_raw(tmp_path / paths.TRAIN_LABELS, idx_bytes(LABELS[:2]))
+    images = write_raw(tmp_path / NAMES.train.images, idx_bytes(IMAGES))
+    labels = write_raw(tmp_path / NAMES.train.labels, idx_bytes(LABELS[:2]))
     with pytest.raises(DataError, match="3 images but") as excinfo:
         read_split(images, labels)
     assert str(images) in str(excinfo.value)
@@ -149,9 +150,9 @@ def test_images_and_labels_length_mismatch(tmp_path):
 
 @pytest.mark.parametrize("bad_label", [10, 255])
 def test_label_out_of_range(tmp_path, bad_label):
-    images = write_raw(tmp_path / paths.TRAIN_IMAGES, idx_bytes(IMAGES))
+    images = write_raw(tmp_path / NAMES.train.images, idx_bytes(IMAGES))
     labels = write_raw(
-        tmp_path / paths.TRAIN_LABELS, idx_bytes(np.array([0, bad_label, 9], np.uint8))
+        tmp_path / NAMES.train.labels, idx_bytes(np.array([0, bad_label, 9], np.uint8))
     )
     with pytest.raises(DataError, match=f"label {bad_label} is outside 0..9") as excinfo:
         read_split(images, labels)
@@ -160,27 +161,27 @@ def test_label_out_of_range(tmp_path, bad_label):
 
 def test_images_file_with_labels_magic_via_read_split(tmp_path):
     """Swapped files (labels where images should be) fail on the magic number, naming it."""
-    images = write_raw(tmp_path / paths.TRAIN_IMAGES, idx_bytes(LABELS))
-    labels = write_raw(tmp_path / paths.TRAIN_LABELS, idx_bytes(LABELS))
+    images = write_raw(tmp_path / NAMES.train.images, idx_bytes(LABELS))
+    labels = write_raw(tmp_path / NAMES.train.labels, idx_bytes(LABELS))
     with pytest.raises(DataError, match="magic number") as excinfo:
         read_split(images, labels)
     assert str(images) in str(excinfo.value)
 
 
 def test_missing_file_names_it_and_the_fix(tmp_path):
-    images = write_raw(tmp_path / paths.TRAIN_IMAGES, idx_bytes(IMAGES))
-    labels = tmp_path / paths.TRAIN_LABELS
+    images = write_raw(tmp_path / NAMES.train.images, idx_bytes(IMAGES))
+    labels = tmp_path / NAMES.train.labels
     with pytest.raises(DataError, match=r"pipeline\.fetch") as excinfo:
         read_split(images, labels)
     assert str(labels) in str(excinfo.value)
 
 
 def test_preprocess_rejects_train_and_test_of_different_image_sizes(
-    tmp_path, idx_files, mirror_dir
+    tmp_path, idx_files, mirror_dir, idx_names
 ):
     small = np.zeros((6, 8, 8), dtype=np.uint8)
-    write_idx(mirror_dir / paths.TEST_IMAGES, small)
+    write_idx(mirror_dir / NAMES.test.images, small)
     out = tmp_path / "prepared"
     with pytest.raises(DataError, match=r"\(28, 28\).*\(8, 8\)"):
-        preprocess(mirror_dir, out, "tiny")
+        preprocess(mirror_dir, out, "tiny", **idx_names)
     assert not out.exists()  # checked before anything is written

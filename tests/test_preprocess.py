@@ -11,16 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from run_helpers import PROJECT_ROOT
 
 from pipeline.core.data import load_split
-from pipeline.core.idx import raw_sha256, read_split
-from pipeline.infra import paths
+from pipeline.core.idx import raw_sha256, read_split, write_idx
+from pipeline.infra.config import DatasetConfig
 from pipeline.preprocess import preprocess
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DIGITS_TOTAL = 1797  # scikit-learn's bundled 8x8 digits
 OUTPUTS = ("train.npz", "test.npz", "summary.json", "samples.png")
+DIGITS = DatasetConfig(name="digits")  # what the fetch_digits fixture writes
+
+
+def file_names(dataset: DatasetConfig) -> list[str]:
+    """The four IDX file names of `dataset`: train images and labels, test images and labels."""
+    return [dataset.train.images, dataset.train.labels, dataset.test.images, dataset.test.labels]
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -96,13 +103,13 @@ def test_digits_split_is_reproducible_and_seeded(tmp_path, fetch_digits):
     first = fetch_digits(tmp_path / "a", split_seed=0)
     again = fetch_digits(tmp_path / "b", split_seed=0)
     other = fetch_digits(tmp_path / "c", split_seed=1)
-    for name in paths.IDX_FILES:
+    for name in file_names(DIGITS):
         assert (first / name).read_bytes() == (again / name).read_bytes(), name
         assert raw_sha256(first / name) != raw_sha256(other / name), name
 
     def split_of(raw: Path) -> tuple[np.ndarray, np.ndarray]:
-        train = read_split(raw / paths.TRAIN_IMAGES, raw / paths.TRAIN_LABELS)
-        test = read_split(raw / paths.TEST_IMAGES, raw / paths.TEST_LABELS)
+        train = read_split(raw / DIGITS.train.images, raw / DIGITS.train.labels)
+        test = read_split(raw / DIGITS.test.images, raw / DIGITS.test.labels)
         return train[1], test[1]
 
     (train0, test0), (train1, test1) = split_of(first), split_of(other)
@@ -114,14 +121,14 @@ def test_digits_split_is_reproducible_and_seeded(tmp_path, fetch_digits):
     )
 
 
-def test_preprocess_tiny_idx_exact_values(tmp_path, idx_files, mirror_dir, idx_arrays):
+def test_preprocess_tiny_idx_exact_values(tmp_path, idx_files, mirror_dir, idx_arrays, idx_names):
     out = tmp_path / "prepared"
-    summary = preprocess(mirror_dir, out, "tiny")
+    summary = preprocess(mirror_dir, out, "tiny", **idx_names)
     train = load_npz(out / "train.npz")
     assert_prepared_arrays(train["x"], train["y"], 28 * 28)
-    images = idx_arrays[paths.TRAIN_IMAGES]
+    images, labels = (idx_arrays[name] for name in idx_names["train"])
     np.testing.assert_allclose(train["x"], images.reshape(12, -1) / 255.0, rtol=0, atol=1e-7)
-    np.testing.assert_array_equal(train["y"].argmax(axis=1), idx_arrays[paths.TRAIN_LABELS])
+    np.testing.assert_array_equal(train["y"].argmax(axis=1), labels)
     assert summary["train"]["class_counts"] == [2, 2] + [1] * 8
     assert summary["test"]["x_shape"] == [6, 784]
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -154,7 +161,7 @@ def test_cli_fetch_and_preprocess_digits(cli, tmp_path, digits_prepared):
     fetched = cli(tmp_path, "pipeline.fetch", "dataset=digits")
     assert fetched.returncode == 0, fetched.stderr
     raw = tmp_path / "data" / "raw" / "digits"
-    assert sorted(p.name for p in raw.iterdir()) == sorted(paths.IDX_FILES)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(file_names(DIGITS))
 
     prepared = cli(tmp_path, "pipeline.preprocess", "dataset=digits")
     assert prepared.returncode == 0, prepared.stderr
@@ -164,11 +171,48 @@ def test_cli_fetch_and_preprocess_digits(cli, tmp_path, digits_prepared):
     assert summary["dataset"] == "digits"
     # the CLI's default split is the one the in-process fixture made, byte for byte
     fixture_raw = digits_prepared.parent / "raw" / "digits"
-    for name in paths.IDX_FILES:
+    for name in file_names(DIGITS):
         assert (raw / name).read_bytes() == (fixture_raw / name).read_bytes(), name
     expected = json.loads((digits_prepared / "summary.json").read_text())
     assert summary["sha256"] == expected["sha256"]
     assert list(raw.glob(".*.tmp*")) == []
+
+
+def test_a_dataset_with_other_file_names_is_config_only(cli, tmp_path, idx_arrays, idx_names):
+    """A new IDX dataset is one YAML file (here in a --config-dir of its own): its files have
+    other names, its mirror is a local folder, and fetch and preprocess take it as it is."""
+    mirror = tmp_path / "letters-mirror"
+    mirror.mkdir()
+    files: dict[str, str] = {}
+    roles: dict[str, dict[str, str]] = {}
+    for split, pair in idx_names.items():
+        for kind, tiny_name in zip(("images", "labels"), pair, strict=True):
+            name = f"letters-{split}-{kind}.gz"
+            write_idx(mirror / name, idx_arrays[tiny_name])
+            files[name] = raw_sha256(mirror / name)
+            roles.setdefault(split, {})[kind] = name
+    conf = tmp_path / "extra-conf"
+    (conf / "dataset").mkdir(parents=True)
+    dataset = {"name": "letters", "mirrors": [f"{mirror}/"], "files": files, **roles}
+    (conf / "dataset" / "letters.yaml").write_text(yaml.safe_dump(dataset), encoding="utf-8")
+    project = tmp_path / "project"
+    project.mkdir()
+
+    for stage in ("pipeline.fetch", "pipeline.preprocess"):
+        result = cli(project, stage, "--config-dir", str(conf), "dataset=letters")
+        assert result.returncode == 0, result.stderr
+
+    raw = project / "data" / "raw" / "letters"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(files)
+    out = project / "data" / "prepared"
+    for split, pair in idx_names.items():
+        images, labels = (idx_arrays[name] for name in pair)
+        prepared = load_npz(out / f"{split}.npz")
+        np.testing.assert_allclose(
+            prepared["x"], images.reshape(len(images), -1) / 255.0, rtol=0, atol=1e-7
+        )
+        np.testing.assert_array_equal(prepared["y"].argmax(axis=1), labels)
+    assert json.loads((out / "summary.json").read_text())["dataset"] == "letters"
 
 
 def test_cli_preprocess_without_raw_data_says_how_to_fix(cli, tmp_path):

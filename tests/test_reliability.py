@@ -48,13 +48,12 @@ from run_helpers import (
 )
 from run_helpers import compose as settings
 
-from pipeline.infra import paths
-from pipeline.infra.config import validate
+from pipeline.infra.config import DatasetConfig, validate
 from pipeline.infra.download import fetch_file, source_url
 from pipeline.infra.errors import ConfigError, DataError, TrackingError
 
 PIPELINE_DIR = Path(__file__).resolve().parent.parent / "pipeline"
-NAME = paths.TRAIN_IMAGES  # the first file `fetch` asks for
+NAME = DatasetConfig().train.images  # the first file `fetch` asks for
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 SHA = "0" * 64
 

@@ -9,26 +9,71 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.infra.errors import ConfigError, first_line
+from pipeline.infra.paths import CONF_DIR
+
+
+@dataclass
+class IdxPair:
+    """One split's two IDX files, by name (for a downloaded dataset, keys of dataset.files)."""
+
+    images: str
+    labels: str
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "mnist"
+    name: str = "mnist"  # a conf/dataset/<name>.yaml; also data/raw/<name>/
     mirrors: list[str] = field(default_factory=list)
     # file name -> SHA-256 of its decompressed (raw IDX) bytes
     files: dict[str, str] = field(default_factory=dict)
+    # Which file is which (MNIST's names by default; digits writes its IDX files under these).
+    train: IdxPair = field(
+        default_factory=lambda: IdxPair("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+    )
+    test: IdxPair = field(
+        default_factory=lambda: IdxPair("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    )
     timeout: float = 30.0
     retries: int = 2
     test_fraction: float = 0.25
     split_seed: int = 0  # digits only: its fixed train/test split
 
     def __post_init__(self) -> None:
-        _require(self.name in DATASETS, "dataset.name", self.name, f"one of {sorted(DATASETS)}")
+        names = dataset_names()
+        _require(self.name in names, "dataset.name", self.name, f"one of {names}")
         _require(self.timeout > 0, "dataset.timeout", self.timeout, "> 0 seconds")
         _require(self.retries >= 0, "dataset.retries", self.retries, ">= 0")
         _require(
             0 < self.test_fraction < 1, "dataset.test_fraction", self.test_fraction, "in (0, 1)"
         )
+        # Which file is which: four different names, and for a downloaded dataset (one that
+        # lists its files) exactly the files it fetches.
+        roles = {
+            f"dataset.{split}.{kind}": getattr(getattr(self, split), kind)
+            for split in ("train", "test")
+            for kind in ("images", "labels")
+        }
+        seen: set[str] = set()
+        listed = sorted(self.files)
+        for key, file in roles.items():
+            _require(file not in seen, key, file, "a file name no other split or kind uses")
+            seen.add(file)
+            if listed:
+                _require(file in listed, key, file, f"one of dataset.files {listed}")
+        extra = sorted(set(self.files) - seen)
+        expected = f"only the four files dataset.train and dataset.test name, not also {extra}"
+        _require(not extra, "dataset.files", listed, expected)
+
+
+def dataset_names() -> list[str]:
+    """The datasets Hydra can compose: conf/dataset/*.yaml, plus those of a `--config-dir`'s
+    dataset/ folder when a Hydra app is running. A new dataset is one such YAML file."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    names = {path.stem for path in (CONF_DIR / "dataset").glob("*.yaml")}
+    if GlobalHydra.instance().is_initialized():
+        names |= set(GlobalHydra.instance().config_loader().get_group_options("dataset"))
+    return sorted(names)
 
 
 @dataclass
@@ -92,9 +137,6 @@ class Config:
         _require(
             0 <= self.validation_split < 1, "validation_split", self.validation_split, "in [0, 1)"
         )
-
-
-DATASETS = ("mnist", "fashion_mnist", "digits")
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -15,8 +15,5 @@ RUNS_DIR = Path("runs")  # which MLflow run produced the outputs
 REPORTS_DIR = Path("reports")  # report.html, report.md
 COMPARE_DIR = Path("compare")  # pipeline.compare's tables (not a DVC output: kept out of reports/)
 
-TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
-TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
-TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
-TEST_LABELS = "t10k-labels-idx1-ubyte.gz"
-IDX_FILES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+# Not under the working directory: the conf/ beside the package (the stages' Hydra config_path).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
