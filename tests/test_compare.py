@@ -14,18 +14,9 @@ import pytest
 from run_helpers import project_copy, run_module, sqlite_uri
 from scipy import stats
 
-from pipeline.compare import (
-    CompareError,
-    Comparison,
-    ConfigRun,
-    compare_runs,
-    main,
-    paired_t_test,
-    run_compare,
-    summarize,
-    to_markdown,
-    welch_t_test,
-)
+from pipeline.compare import main, run_compare, to_markdown
+from pipeline.core.comparison import CompareError, Comparison, ConfigRun, compare_runs
+from pipeline.core.stats import paired_t_test, summarize, welch_t_test
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TABLE_HEADER = (

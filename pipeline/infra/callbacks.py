@@ -23,8 +23,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from pipeline.compare import filter_literal, load_runs, resolve_sweep
 from pipeline.infra.errors import PipelineError
+from pipeline.infra.runs import filter_literal, load_runs, resolve_sweep
 from pipeline.infra.tracking import experiment_name, sweep_settings, sweep_tag, tracking_uri
 
 log = logging.getLogger(__name__)

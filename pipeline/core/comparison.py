@@ -1,0 +1,221 @@
+"""Rank swept configs by mean fold accuracy and test each against the best.
+
+Works on plain `ConfigRun` records (one crossval run and its fold accuracies); reading them from
+MLflow is pipeline.infra.runs' job, writing the tables pipeline.compare's. Each config is tested
+against the best with a paired t-test over folds (paired by fold number) when both used the same
+fold assignment (same data, `folds`, `crossval.*`, and `seed` when shuffling), otherwise with
+Welch's unpaired t-test, and a note saying why.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.core.stats import ALPHA, Summary, TestResult, paired_t_test, summarize, welch_t_test
+from pipeline.infra.errors import PipelineError
+
+FOLD_METRIC = "fold_accuracy"
+# Params that say where a run was logged, how its data was fetched (the data itself is pinned
+# by checksums) or how many threads it used, not what was trained: two runs differing only in
+# these are the same config.
+RUN_ONLY_PREFIXES = ("tracking.",)
+RUN_ONLY_PARAMS = frozenset({"dataset.mirrors", "dataset.timeout", "dataset.retries", "threads"})
+# What decides crossval's fold assignment, with the data's checksum.
+FOLD_PARAMS = ("folds", "crossval.shuffle", "crossval.stratified")
+
+
+class CompareError(PipelineError):
+    """Nothing (or nothing valid) to compare; the message names the problem and the fix."""
+
+
+@dataclass
+class ConfigRun:
+    """One crossval parent run and its fold accuracies (fold number -> fold_accuracy).
+
+    params and tags are MLflow's strings (flattened config keys, e.g. "crossval.shuffle").
+    """
+
+    run_id: str
+    experiment_id: str
+    start_time: int  # ms since the epoch
+    params: dict[str, str]
+    tags: dict[str, str]
+    folds: dict[int, float]
+    metrics: dict[str, float] = field(default_factory=dict)  # the run's own (accuracy_mean, ...)
+
+    @property
+    def config(self) -> dict[str, str]:
+        """The params that define what was trained (run-only params left out)."""
+        return {
+            k: v
+            for k, v in self.params.items()
+            if k not in RUN_ONLY_PARAMS and not k.startswith(RUN_ONLY_PREFIXES)
+        }
+
+    @property
+    def fold_assignment(self) -> dict[str, str]:
+        """What decides which samples land in which fold: equal -> the folds are the same."""
+        key = {k: self.params.get(k, "?") for k in FOLD_PARAMS}
+        if self.params.get("crossval.shuffle", "True") != "False":
+            key["seed"] = self.params.get("seed", "?")  # KFold's random_state only when shuffling
+        key["data"] = self.tags.get("dataset_sha256", "?")
+        return key
+
+
+@dataclass
+class Row:
+    rank: int
+    label: str
+    run: ConfigRun
+    summary: Summary
+    test: TestResult | None  # None for the best
+    note: str = ""
+
+    @property
+    def is_best(self) -> bool:
+        return self.test is None
+
+    def significant(self, alpha: float) -> bool | None:
+        return None if self.test is None else self.test.p_value < alpha
+
+
+@dataclass
+class Comparison:
+    source: str  # "sweep <id>" or "experiment <name>"
+    tracking_uri: str
+    rows: list[Row]
+    alpha: float = ALPHA
+    sweep: str | None = None
+    experiment: str | None = None
+    notes: list[str] = field(default_factory=list)
+    generated: str = field(
+        default_factory=lambda: f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+
+    @property
+    def best(self) -> Row:
+        return self.rows[0]
+
+    def verdict(self, row: Row) -> str:
+        if row.is_best:
+            return "best"
+        if row.significant(self.alpha):
+            return f"significantly worse than the best (p < {self.alpha:g})"
+        return f"not significantly different from the best (p >= {self.alpha:g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "sweep": self.sweep,
+            "experiment": self.experiment,
+            "tracking_uri": self.tracking_uri,
+            "generated": self.generated,
+            "alpha": self.alpha,
+            "notes": self.notes,
+            "configs": [
+                {
+                    "rank": r.rank,
+                    "label": r.label,
+                    "run_id": r.run.run_id,
+                    "params": r.run.config,
+                    "fold_accuracy": {str(k): v for k, v in sorted(r.run.folds.items())},
+                    **asdict(r.summary),
+                    "test": asdict(r.test) if r.test else None,
+                    "significant": r.significant(self.alpha),
+                    "verdict": self.verdict(r),
+                    "note": r.note,
+                }
+                for r in self.rows
+            ],
+        }
+
+
+def group_configs(runs: Iterable[ConfigRun]) -> tuple[list[ConfigRun], list[str]]:
+    """One run per config (the newest when a config was run more than once), and notes."""
+    newest: dict[tuple[tuple[str, str], ...], list[ConfigRun]] = {}
+    for run in runs:
+        newest.setdefault(tuple(sorted(run.config.items())), []).append(run)
+    chosen, notes = [], []
+    for repeats in newest.values():
+        repeats.sort(key=lambda r: r.start_time)
+        chosen.append(repeats[-1])
+        if len(repeats) > 1:
+            older = ", ".join(r.run_id for r in repeats[:-1])
+            notes.append(
+                f"config of run {repeats[-1].run_id} was run {len(repeats)} times: "
+                f"the newest run is compared, older ones left out ({older})"
+            )
+    return chosen, notes
+
+
+def _override_order(runs: Sequence[ConfigRun]) -> list[str]:
+    """Param names in the order the users typed them (hydra_overrides), e.g. width, epochs."""
+    order: list[str] = []
+    for run in runs:
+        for token in run.tags.get("hydra_overrides", "").split():
+            key = token.split("=", 1)[0].lstrip("+~")
+            for name in (key, f"{key}.name"):  # `dataset=digits` sets dataset.name
+                if name in run.params and name not in order:
+                    order.append(name)
+    return order
+
+
+def config_labels(runs: Sequence[ConfigRun]) -> list[str]:
+    """A short label per run: the config params whose values vary across `runs`."""
+    keys = sorted({k for run in runs for k in run.config})
+    varying = [k for k in keys if len({run.config.get(k) for run in runs}) > 1]
+    order = [k for k in _override_order(runs) if k in varying]
+    order += [k for k in varying if k not in order]
+    if not order:
+        return ["(the only config)" if len(runs) == 1 else "(same params)"] * len(runs)
+    return [" ".join(f"{k}={run.config.get(k, '-')}" for k in order) for run in runs]
+
+
+def _differences(a: Mapping[str, str], b: Mapping[str, str]) -> str:
+    return ", ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b.get(k))
+
+
+def compare_runs(
+    runs: Sequence[ConfigRun], *, alpha: float = ALPHA, source: str = "", tracking_uri: str = ""
+) -> Comparison:
+    """Rank configs by mean fold accuracy and test each against the best.
+
+    Raises CompareError when alpha is not in (0, 1) or a config has fewer than 2 folds.
+    """
+    if not 0 < alpha < 1:
+        raise CompareError(f"alpha={alpha} must be in (0, 1)")
+    configs, notes = group_configs(runs)
+    labels = config_labels(configs)
+    for run, label in zip(configs, labels, strict=True):
+        if len(run.folds) < 2:
+            raise CompareError(
+                f"config {label} (crossval run {run.run_id}) has {len(run.folds)} finished fold "
+                f"run(s) with {FOLD_METRIC}; at least 2 are needed for a spread and a test. "
+                "Fix: rerun that config's crossval"
+            )
+    ranked = sorted(
+        (
+            (summarize(list(run.folds.values()), 1 - alpha), label, run)
+            for run, label in zip(configs, labels, strict=True)
+        ),
+        key=lambda item: (-item[0].mean, item[1]),
+    )
+    best_summary, best_label, best = ranked[0]
+    rows = [Row(1, best_label, best, best_summary, None)]
+    for rank, (summary, label, run) in enumerate(ranked[1:], start=2):
+        same_folds = run.fold_assignment == best.fold_assignment
+        if same_folds and set(run.folds) == set(best.folds):
+            test, note = paired_t_test(run.folds, best.folds), ""
+        else:
+            test = welch_t_test(list(run.folds.values()), list(best.folds.values()))
+            why = (
+                _differences(run.fold_assignment, best.fold_assignment)
+                if not same_folds
+                else f"fold runs {sorted(run.folds)} vs {sorted(best.folds)}"
+            )
+            note = f"folds not comparable with the best's ({why}): unpaired Welch t-test"
+        rows.append(Row(rank, label, run, summary, test, note))
+    return Comparison(source=source, tracking_uri=tracking_uri, rows=rows, alpha=alpha, notes=notes)
