@@ -7,9 +7,7 @@ also logged to the train run in MLflow.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import atomic_path, read_json
+from pipeline.infra.render import Code, Headline, Image, Section, Table, Text, document
 from pipeline.infra.stage import run_stage
 
 log = logging.getLogger(__name__)
@@ -80,29 +79,23 @@ def confusion(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+def _number(value: float) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-_STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}
-table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;
-text-align:right}img{max-width:100%}pre{background:#f4f4f4;padding:1rem;overflow:auto}
-.big{font-size:1.6rem;font-weight:600}"""
+def headline(train_metrics: dict) -> list[str]:
+    """Every `test_<name>` metric of metrics/train.json as "<name> <value>" (underscores as
+    spaces, floats to 4 places): test_accuracy first, as "test accuracy <value>", then the others
+    in the file's order. A metric train adds needs no change here."""
+    keys = sorted((k for k in train_metrics if k.startswith("test_")), key="test_accuracy".__ne__)
+    figures = [
+        f"{k.removeprefix('test_').replace('_', ' ')} {_number(train_metrics[k])}" for k in keys
+    ]
+    if not figures:
+        raise DataError(
+            "metrics/train.json has no test_ metric: rerun the train stage (`dvc repro`)"
+        )
+    return [f"test {figures[0]}", *figures[1:]]
 
 
 def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
@@ -128,79 +121,92 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
 
     tm, cv, summary = inputs.train_metrics, inputs.crossval_metrics, inputs.summary
     trained = inputs.train_run["config"]
-    model = trained["model"]
     fold_rows = [[k, f"{v:.4f}"] for k, v in cv["fold_accuracy"].items()]
     fold_rows += [["mean", f"{cv['accuracy_mean']:.4f}"], ["std", f"{cv['accuracy_std']:.4f}"]]
     data_rows = [
         ["train", summary["train"]["x_shape"][0], *summary["train"]["class_counts"]],
         ["test", summary["test"]["x_shape"][0], *summary["test"]["class_counts"]],
     ]
-    data_header = ["split", "images", *[str(c) for c in range(NUM_CLASSES)]]
     run_rows = [
         ["train", inputs.train_run["run_id"], inputs.train_run["tracking_uri"]],
         ["crossval", inputs.crossval_run["run_id"], inputs.crossval_run["tracking_uri"]],
     ]
-    config_yaml = OmegaConf.to_yaml(inputs.train_run["config"])  # what train really used
-    title = f"digit-pipeline report: {summary['dataset']}"
-
     sections = [
-        f"<h1>{html.escape(title)}</h1>",
-        "<h2>Test result</h2>",
-        f'<p class="big">test accuracy {tm["test_accuracy"]:.4f} · loss {tm["test_loss"]:.4f}</p>',
-        f"<p>{model['name']}, width {trained['width']}, {trained['epochs']} epochs, "
-        f"batch {trained['batch_size']}; "
-        f"fit took {tm['fit_seconds']:.1f} s.</p>",
-        "<h2>Dataset</h2>",
-        f"<p>{html.escape(summary['dataset'])}: images {summary['image_shape']}, "
-        f"pixels scaled to {summary['x_range']}, sha256 <code>{summary['sha256'][:16]}…</code></p>",
-        _table(data_header, data_rows),
-        _img(figures["samples"], "sample images"),
-        "<h2>Training curves</h2>",
-        _img(figures["history"], "training history"),
-        "<h2>Confusion matrix and per-class accuracy</h2>",
-        _img(figures["confusion"], "confusion matrix"),
-        _table(["class", "test images", "accuracy"], per_class),
-        "<h2>Misclassified test digits</h2>",
-        f"<p>{int((inputs.actual != inputs.predicted).sum())} of {len(inputs.actual)} wrong; "
-        f"the first {len(wrong)} (index: true→predicted):</p>",
-        _img(figures["misclassified"], "misclassified digits"),
-        "<h2>Cross-validation</h2>",
-        f"<p>{len(cv['fold_accuracy'])}-fold accuracy {cv['accuracy_mean']:.4f} ± "
-        f"{cv['accuracy_std']:.4f} (a new model per fold)</p>",
-        _table(["fold", "accuracy"], fold_rows),
-        _img(figures["curves"], "fold curves"),
-        _img(figures["boxplot"], "fold accuracy boxplot"),
-        "<h2>Provenance</h2>",
-        _table(["stage", "MLflow run id", "tracking URI"], run_rows),
-        f"<pre>{html.escape(config_yaml)}</pre>",
+        Section(
+            "Test result",
+            [
+                Headline(headline(tm)),
+                Text(
+                    f"{trained['model']['name']}, width {trained['width']}, "
+                    f"{trained['epochs']} epochs, batch {trained['batch_size']}; "
+                    f"fit took {tm['fit_seconds']:.1f} s."
+                ),
+            ],
+        ),
+        Section(
+            "Dataset",
+            [
+                Text(
+                    f"{summary['dataset']}: images {summary['image_shape']}, pixels scaled to "
+                    f"{summary['x_range']}, sha256 `{summary['sha256'][:16]}…`"
+                ),
+                Table(["split", "images", *map(str, range(NUM_CLASSES))], data_rows),
+                Image(figures["samples"], "sample images"),
+            ],
+        ),
+        Section(
+            "Training curves",
+            [Image(figures["history"], "training history")],
+            in_markdown=False,
+        ),
+        Section(
+            "Confusion matrix and per-class accuracy",
+            [
+                Image(figures["confusion"], "confusion matrix"),
+                Table(["class", "test images", "accuracy"], per_class),
+            ],
+        ),
+        Section(
+            "Misclassified test digits",
+            [
+                Text(
+                    f"{int((inputs.actual != inputs.predicted).sum())} of {len(inputs.actual)} "
+                    f"wrong; the first {len(wrong)} (index: true→predicted):"
+                ),
+                Image(figures["misclassified"], "misclassified digits"),
+            ],
+            in_markdown=False,  # its text introduces the figure
+        ),
+        Section(
+            "Cross-validation",
+            [
+                Text(
+                    f"{len(cv['fold_accuracy'])}-fold accuracy {cv['accuracy_mean']:.4f} ± "
+                    f"{cv['accuracy_std']:.4f} (a new model per fold)"
+                ),
+                Table(["fold", "accuracy"], fold_rows),
+                Image(figures["curves"], "fold curves"),
+                Image(figures["boxplot"], "fold accuracy boxplot"),
+            ],
+        ),
+        Section(
+            "Provenance",
+            [
+                Table(["stage", "MLflow run id", "tracking URI"], run_rows),
+                Code(OmegaConf.to_yaml(trained), "yaml"),  # what train really used
+            ],
+        ),
+        Section(
+            "",
+            [Text("The full report with figures: `report.html` (self-contained).")],
+            in_html=False,
+        ),
     ]
-    page = (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
-        f"</title><style>{_STYLE}</style></head><body>\n"
-        + "\n".join(sections)
-        + "\n</body></html>\n"
-    )
-    markdown = "\n\n".join(
-        [
-            f"# {title}",
-            f"**Test accuracy {tm['test_accuracy']:.4f}**, loss {tm['test_loss']:.4f} "
-            f"({model['name']}, width {trained['width']}, {trained['epochs']} epochs, "
-            f"batch {trained['batch_size']})",
-            f"## Cross-validation\n\n{len(cv['fold_accuracy'])}-fold accuracy "
-            f"{cv['accuracy_mean']:.4f} ± {cv['accuracy_std']:.4f}",
-            _markdown_table(["fold", "accuracy"], fold_rows),
-            "## Per-class test accuracy",
-            _markdown_table(["class", "test images", "accuracy"], per_class),
-            "## MLflow runs",
-            _markdown_table(["stage", "run id", "tracking URI"], run_rows),
-            "The full report with figures: `report.html` (self-contained).",
-        ]
-    )
+    page, markdown = document(f"digit-pipeline report: {summary['dataset']}", sections)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    with atomic_path(html_path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    with atomic_path(md_path) as tmp:
-        tmp.write_text(markdown + "\n", encoding="utf-8")
+    for path, text in ((html_path, page), (md_path, markdown)):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return html_path, md_path
 
 

@@ -358,6 +358,20 @@ def test_read_inputs_reads_the_stage_outputs(stage_outputs: Path) -> None:
     assert len(EMBEDDED.findall(html_path.read_text(encoding="utf-8"))) == 6
 
 
+def test_every_test_metric_in_train_json_is_reported(stage_outputs: Path) -> None:
+    """A metric train adds (test_<name> in metrics/train.json) reaches both report files."""
+    metrics_path = stage_outputs / paths.METRICS_DIR / "train.json"
+    write_json(metrics_path, {**_inputs({}).train_metrics, "test_top2_accuracy": 0.9375})
+    html_path, md_path = build_report(read_inputs(stage_outputs), stage_outputs / "reports")
+    page = html_path.read_text(encoding="utf-8")
+    markdown = md_path.read_text(encoding="utf-8")
+    assert '<p class="big">test accuracy 0.7500 · loss 0.8765 · top2 accuracy 0.9375</p>' in page
+    assert "**Test accuracy 0.7500**, loss 0.8765, top2 accuracy 0.9375" in markdown.splitlines()
+    # under the Test result heading in both
+    assert page.index("top2 accuracy") > page.index("<h2>Test result</h2>")
+    assert markdown.index("top2 accuracy") > markdown.index("## Test result")
+
+
 @pytest.mark.parametrize("missing", REQUIRED)
 def test_missing_input_names_the_file_and_the_fix(stage_outputs: Path, missing: str) -> None:
     (stage_outputs / missing).unlink()
