@@ -25,7 +25,9 @@ from PIL import Image
 from run_helpers import compose, isolated_mlflow, new_store, prepared_digits, run_module
 
 from pipeline import predict
+from pipeline.core.images import digit_box, prepare_image
 from pipeline.infra.files import read_json
+from pipeline.infra.model_loading import Model, load_model
 
 # 30 epochs reach ~0.96 test accuracy on digits (width 64); 60 reach ~0.98, and the rendered test
 # digits below are then recognised ~95% of the time (measured per style: 0.91-0.96 over all 450).
@@ -91,11 +93,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedDigits:
 
 
 @pytest.fixture(scope="module")
-def model(trained: TrainedDigits) -> predict.Model:
-    return predict.load_model(trained.model)
+def model(trained: TrainedDigits) -> Model:
+    return load_model(trained.model)
 
 
-def test_trained_model_recognises_the_test_set(trained: TrainedDigits, model: predict.Model):
+def test_trained_model_recognises_the_test_set(trained: TrainedDigits, model: Model):
     # The bar for the rendered images below only means something if the model is this good.
     assert trained.test_accuracy > 0.93
     assert model.input_size == 64 and model.side == 8
@@ -177,10 +179,10 @@ def test_rendering_keeps_the_digit(trained: TrainedDigits, tmp_path: Path):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_rendered_test_digits_are_recognised(
-    style: str, trained: TrainedDigits, model: predict.Model, tmp_path: Path
+    style: str, trained: TrainedDigits, model: Model, tmp_path: Path
 ):
     files = render_samples(trained, tmp_path, style, SAMPLES)
-    pixels = np.stack([predict.prepare_image(path, model.side) for path in files])
+    pixels = np.stack([prepare_image(path, model.side) for path in files])
     assert pixels.shape == (SAMPLES, 64)
     assert pixels.dtype == np.float32 and pixels.min() >= 0 and pixels.max() == 1
     found = [p.digit for p in predict.classify(model, pixels, [str(f) for f in files])]
@@ -194,7 +196,7 @@ def test_same_digit_in_any_form_gives_nearly_the_same_input(trained: TrainedDigi
     the light-on-dark one (the JPEG is smooth and lossy: close, not equal)."""
     digit = trained.test_images[3]
     inputs = {
-        style: predict.prepare_image(render(digit, style, tmp_path / f"d-{style}", 3), 8)
+        style: prepare_image(render(digit, style, tmp_path / f"d-{style}", 3), 8)
         for style in STYLES
     }
     reference = inputs["light-on-dark.png"]
@@ -209,7 +211,7 @@ def test_mnist_canvas_fits_the_digit_in_20x20_centred_by_mass(tmp_path: Path):
     page = Image.new("L", (600, 400), 255)
     page.paste(0, (400, 50, 460, 350))  # a 60x300 black bar, far right of centre
     page.save(tmp_path / "bar.png")
-    canvas = predict.prepare_image(tmp_path / "bar.png", 28).reshape(28, 28)
+    canvas = prepare_image(tmp_path / "bar.png", 28).reshape(28, 28)
     rows = np.flatnonzero(canvas.max(axis=1) > 0.5)
     cols = np.flatnonzero(canvas.max(axis=0) > 0.5)
     assert rows[-1] - rows[0] + 1 == 20
@@ -220,9 +222,9 @@ def test_mnist_canvas_fits_the_digit_in_20x20_centred_by_mass(tmp_path: Path):
 
 
 def test_digit_box_follows_each_datasets_convention():
-    assert predict.digit_box(28) == 20  # MNIST
-    assert predict.digit_box(8) == 8  # scikit-learn digits fill their full height
-    assert predict.digit_box(56) == 40  # others: MNIST's proportion
+    assert digit_box(28) == 20  # MNIST
+    assert digit_box(8) == 8  # scikit-learn digits fill their full height
+    assert digit_box(56) == 40  # others: MNIST's proportion
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -301,11 +303,11 @@ def test_runs_uri_gives_the_same_predictions_as_the_keras_file(
     )
 
 
-def test_runs_uri_in_process_with_tracking_uri(trained: TrainedDigits, model: predict.Model):
+def test_runs_uri_in_process_with_tracking_uri(trained: TrainedDigits, model: Model):
     """load_model(runs:/..., tracking_uri) == the .keras file, and MLflow's global store and
     MLFLOW_TRACKING_URI are left as they were."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    loaded = predict.load_model(trained.run_model_uri, trained.tracking_uri)
+    loaded = load_model(trained.run_model_uri, trained.tracking_uri)
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
     assert loaded.input_size == 64
     x = trained.test_images[:50].reshape(50, -1)

@@ -25,7 +25,8 @@ import pytest
 from run_helpers import free_port, run_module
 from test_predict import STYLES, TrainedDigits, parse_json, render, run_predict, trained_digits
 
-from pipeline import predict
+from pipeline.core.images import prepare_image
+from pipeline.infra.model_loading import load_model
 from pipeline.registry import DEFAULT_ALIAS, DEFAULT_NAME
 
 pytestmark = pytest.mark.slow
@@ -117,8 +118,8 @@ def test_predict_loads_the_champion_by_alias(trained: TrainedDigits, registered,
             cwd=tmp_path,
         )
     )
-    model = predict.load_model(trained.model)
-    local = model.predict(np.stack([predict.prepare_image(f, model.side) for f in files]))
+    model = load_model(trained.model)
+    local = model.predict(np.stack([prepare_image(f, model.side) for f in files]))
     assert [e["file"] for e in by_alias] == [str(f) for f in files]
     np.testing.assert_allclose([e["probabilities"] for e in by_alias], local, atol=1e-5)
 
@@ -215,13 +216,13 @@ def invoke(base: str, rows: np.ndarray) -> np.ndarray:
 def test_served_champion_returns_the_local_models_probabilities(
     server: str, trained: TrainedDigits, tmp_path: Path
 ):
-    model = predict.load_model(trained.model)
+    model = load_model(trained.model)
     # Images as a client would send them: rendered test digits, prepared like the CLI does.
     files = [
         render(trained.test_images[i], STYLES[i % len(STYLES)], tmp_path / f"{i}-{STYLES[i % 5]}")
         for i in range(12)
     ]
-    rows = np.stack([predict.prepare_image(path, model.side) for path in files])
+    rows = np.stack([prepare_image(path, model.side) for path in files])
     assert rows.shape == (12, 64)
     served = invoke(server, rows)
     assert served.shape == (12, 10)

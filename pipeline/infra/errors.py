@@ -17,6 +17,14 @@ class TrackingError(PipelineError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+class InputError(PipelineError):
+    """An input image cannot be used; the message names the file and the problem."""
+
+
+class ModelError(PipelineError):
+    """The model is missing or cannot be loaded or used."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (MLflow's and SQLAlchemy's run to pages, with the
     SQL and help links), or the error's type when the message is empty."""
