@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,27 @@ def test_digits_split_is_reproducible_and_seeded(tmp_path, fetch_digits):
     np.testing.assert_array_equal(
         np.bincount(np.concatenate([train0, test0])), np.bincount(np.concatenate([train1, test1]))
     )
+
+
+def test_preprocess_again_on_the_same_raw_data_writes_the_same_bytes(
+    tmp_path, digits_prepared, monkeypatch
+):
+    """Byte-identical outputs, so a re-run preprocess leaves DVC's hash of data/prepared as it
+    was and nothing downstream re-runs: no timestamp in the .npz entries, the PNG or the JSON
+    (the clock is set a year on, so a stamped time would show)."""
+    later = time.time() + 365 * 24 * 3600
+    monkeypatch.setattr(time, "time", lambda: later)
+    raw = digits_prepared.parent / "raw" / "digits"
+    again = tmp_path / "again"
+    preprocess(
+        raw,
+        again,
+        "digits",
+        train=(DIGITS.train.images, DIGITS.train.labels),
+        test=(DIGITS.test.images, DIGITS.test.labels),
+    )
+    for name in OUTPUTS:
+        assert (again / name).read_bytes() == (digits_prepared / name).read_bytes(), name
 
 
 def test_preprocess_tiny_idx_exact_values(tmp_path, idx_files, mirror_dir, idx_arrays, idx_names):
