@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def main() -> None:
     sys.path.insert(0, str(work))
 
     from pipeline.core.data import load_split
-    from pipeline.core.models import build_model, keras, new_session
+    from pipeline.core.models import build_model
+    from pipeline.core.training import keras, new_session
     from pipeline.infra.config import ModelConfig
 
     EpochTimer = epoch_timer_class(keras)
@@ -87,7 +89,9 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         new_session(0, False)
-        network = build_model(ModelConfig(), width, d_in, data.image_shape)
+        network = build_model(
+            **asdict(ModelConfig()), width=width, input_dim=d_in, image_shape=data.image_shape
+        )
         network.compile(
             optimizer=keras.optimizers.RMSprop(),
             loss="categorical_crossentropy",

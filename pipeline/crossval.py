@@ -9,6 +9,7 @@ curves.png, boxplot.png}, runs/crossval.json; MLflow: a parent run with one chil
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -16,33 +17,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.core.data import load_split
+from pipeline.core.folds import fold_indices
 from pipeline.infra import paths
 from pipeline.infra.config import Config
-from pipeline.infra.errors import ConfigError
 from pipeline.infra.files import read_json, write_csv, write_json
 from pipeline.infra.stage import output_root, run_stage
 
 log = logging.getLogger(__name__)
-
-
-def fold_indices(labels: np.ndarray, cfg: Config) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, validation) index pairs, checked so every fold has data to train and score on."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    smallest = len(labels)
-    if cfg.crossval.stratified:
-        # Samples of the smallest class present (min's `initial` only covers empty `labels`).
-        smallest = int(np.unique(labels, return_counts=True)[1].min(initial=len(labels)))
-    if cfg.folds > smallest:
-        what = "the smallest class" if cfg.crossval.stratified else "the training set"
-        raise ConfigError(
-            f"folds={cfg.folds} is more than {what} has samples ({smallest}). "
-            f"Fix: use folds<={smallest}"
-        )
-    random_state = cfg.seed if cfg.crossval.shuffle else None
-    splitter_class = StratifiedKFold if cfg.crossval.stratified else KFold
-    splitter = splitter_class(cfg.folds, shuffle=cfg.crossval.shuffle, random_state=random_state)
-    return list(splitter.split(np.zeros(len(labels)), labels))
 
 
 def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
@@ -57,11 +38,19 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
-    from pipeline.core.models import build_model, configure_threads, fit, new_session
+    from pipeline.core.models import build_model
     from pipeline.core.plots import fold_boxplot, history_curves, history_rows
+    from pipeline.core.training import configure_threads, fit, new_session
+    from pipeline.infra.keras_logging import EpochMetricsLogger
 
     data = load_split(prepared_dir / "train.npz")
-    folds = fold_indices(data.labels, cfg)
+    folds = fold_indices(
+        data.labels,
+        folds=cfg.folds,
+        seed=cfg.seed,
+        shuffle=cfg.crossval.shuffle,
+        stratified=cfg.crossval.stratified,
+    )
     dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
     accuracies, losses, histories, rows = [], [], [], []
     configure_threads(cfg.threads)
@@ -71,10 +60,22 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     with tracked_run(cfg, "crossval", dataset_sha) as run:
         for k, (train_idx, val_idx) in enumerate(folds, start=1):
             new_session(cfg.seed + k, cfg.deterministic)
-            network = build_model(cfg.model, cfg.width, data.x.shape[1], data.image_shape)
+            network = build_model(
+                **asdict(cfg.model),
+                width=cfg.width,
+                input_dim=data.x.shape[1],
+                image_shape=data.image_shape,
+            )
             with child_run(f"fold {k}", {"stage": "crossval-fold", "fold": str(k)}):
-                validation = (data.x[val_idx], data.y[val_idx])
-                history = fit(network, data.x[train_idx], data.y[train_idx], cfg, validation)
+                history = fit(
+                    network,
+                    data.x[train_idx],
+                    data.y[train_idx],
+                    epochs=cfg.epochs,
+                    batch_size=cfg.batch_size,
+                    validation_data=(data.x[val_idx], data.y[val_idx]),
+                    callbacks=[EpochMetricsLogger()],
+                )
                 # Keras scored the fold with the final weights at the end of the last epoch.
                 loss, accuracy = history["val_loss"][-1], history["val_accuracy"][-1]
                 mlflow.log_metrics({"fold_accuracy": accuracy, "fold_loss": loss})

@@ -11,10 +11,10 @@ import contextlib
 import io
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.core.data import load_split
@@ -32,38 +32,45 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
 
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
-    from pipeline.core.models import (
-        build_model,
-        configure_threads,
-        fit,
-        model_requirements,
-        new_session,
-    )
+    from pipeline.core.metrics import evaluate
+    from pipeline.core.models import build_model
     from pipeline.core.plots import history_curves, history_rows
+    from pipeline.core.training import configure_threads, fit, new_session
+    from pipeline.infra.keras_logging import EpochMetricsLogger, model_requirements
 
     train_split = load_split(prepared_dir / "train.npz")
     test_split = load_split(prepared_dir / "test.npz")
     dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
     configure_threads(cfg.threads)
     new_session(cfg.seed, cfg.deterministic)
-    network = build_model(cfg.model, cfg.width, train_split.x.shape[1], train_split.image_shape)
+    network = build_model(
+        **asdict(cfg.model),
+        width=cfg.width,
+        input_dim=train_split.x.shape[1],
+        image_shape=train_split.image_shape,
+    )
 
-    import keras
     import mlflow
     from mlflow.models import infer_signature
 
     with tracked_run(cfg, "train", dataset_sha) as run:
         started = time.perf_counter()
-        history = fit(network, train_split.x, train_split.y, cfg)
+        history = fit(
+            network,
+            train_split.x,
+            train_split.y,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            validation_split=cfg.validation_split,
+            callbacks=[EpochMetricsLogger()],
+        )
         fit_seconds = time.perf_counter() - started
         # One pass over the test set: its metrics come from the probabilities that the
         # confusion matrix and the model signature need anyway.
         probabilities = network.predict(test_split.x, batch_size=1024, verbose=0)
         predicted = probabilities.argmax(axis=1)
-        test_loss = keras.losses.categorical_crossentropy(test_split.y, probabilities)
         metrics = {
-            "test_loss": float(keras.ops.mean(test_loss)),
-            "test_accuracy": float(np.mean(predicted == test_split.labels)),
+            **{f"test_{k}": v for k, v in evaluate(test_split.labels, probabilities).items()},
             **{f"train_{k}": v[-1] for k, v in history.items() if not k.startswith("val_")},
             **{k: v[-1] for k, v in history.items() if k.startswith("val_")},
             "fit_seconds": fit_seconds,

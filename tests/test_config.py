@@ -23,7 +23,7 @@ IDX_FILES = {
 }
 GROUP_OPTIONS = {
     "dataset": {"mnist", "fashion_mnist", "digits"},
-    "model": {"mlp", "cnn"},
+    "model": {"mlp", "cnn", "lenet5"},
     "tracking": {"local", "server"},
 }
 
@@ -59,7 +59,7 @@ def test_every_group_option_composes_and_validates(compose, group, option):
             assert cfg.dataset.mirrors
     elif group == "model":
         assert cfg.model.name == option
-        assert bool(cfg.model.filters) == (option == "cnn")
+        assert bool(cfg.model.filters) == (option in ("cnn", "lenet5"))
     else:
         assert (cfg.tracking.uri is None) == (option == "server")
 
@@ -105,6 +105,25 @@ def test_invalid_value_raises_config_error_naming_the_key(compose, override, key
 def test_cnn_without_conv_layers_is_rejected(compose):
     with pytest.raises(ConfigError, match=r"model\.filters"):
         validate(compose("model=cnn", "model.filters=[]"))
+
+
+def test_lenet5_takes_exactly_two_conv_layers(compose):
+    assert validate(compose("model=lenet5")).model.filters == [6, 16]
+    assert validate(compose("model=lenet5", "model.filters=[8,32]")).model.filters == [8, 32]
+    for filters in ("[]", "[6]", "[6,16,32]"):
+        with pytest.raises(ConfigError, match=r"model\.filters=.*exactly 2 conv layers"):
+            validate(compose("model=lenet5", f"model.filters={filters}"))
+
+
+def test_the_schema_takes_its_model_names_from_the_builders():
+    """A model type is one builder in ARCHITECTURES and one conf/model/<name>.yaml."""
+    from pipeline.core.models import ARCHITECTURES
+
+    assert set(ARCHITECTURES) == GROUP_OPTIONS["model"]
+    with pytest.raises(ConfigError) as raised:
+        validate({"model": {"name": "resnet"}})
+    assert names_key(str(raised.value), "model.name")
+    assert all(name in str(raised.value) for name in ARCHITECTURES)
 
 
 def test_validate_accepts_a_plain_dict():

@@ -159,14 +159,9 @@ def test_local_outputs_match_the_runs(cv: CrossValidated):
 @pytest.mark.parametrize("stratified", [False, True])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_held_out_folds_partition_the_training_set(train_labels, stratified, shuffle):
-    from pipeline.crossval import fold_indices
+    from pipeline.core.folds import fold_indices
 
-    cfg = compose(
-        *TINY,
-        f"crossval.stratified={str(stratified).lower()}",
-        f"crossval.shuffle={str(shuffle).lower()}",
-    )
-    folds = fold_indices(train_labels, cfg)
+    folds = fold_indices(train_labels, folds=FOLDS, seed=42, shuffle=shuffle, stratified=stratified)
     assert len(folds) == FOLDS
     held_out = [set(val.tolist()) for _, val in folds]
     for (train_idx, val_idx), val_set in zip(folds, held_out, strict=True):
@@ -181,12 +176,13 @@ def test_held_out_folds_partition_the_training_set(train_labels, stratified, shu
 
 
 def test_stratified_folds_keep_the_class_proportions(train_labels):
-    from pipeline.crossval import fold_indices
+    from pipeline.core.folds import fold_indices
 
-    cfg = compose(*TINY, "crossval.stratified=true")
     overall = np.bincount(train_labels, minlength=10) / len(train_labels)
     counts = []
-    for _, val_idx in fold_indices(train_labels, cfg):
+    for _, val_idx in fold_indices(
+        train_labels, folds=FOLDS, seed=42, shuffle=True, stratified=True
+    ):
         fold_counts = np.bincount(train_labels[val_idx], minlength=10)
         counts.append(fold_counts)
         np.testing.assert_allclose(fold_counts / len(val_idx), overall, atol=0.005)
@@ -195,11 +191,12 @@ def test_stratified_folds_keep_the_class_proportions(train_labels):
 
 
 def test_shuffled_folds_depend_on_the_seed(train_labels):
-    from pipeline.crossval import fold_indices
+    from pipeline.core.folds import fold_indices
 
-    first = fold_indices(train_labels, compose(*TINY, "seed=1"))
-    again = fold_indices(train_labels, compose(*TINY, "seed=1"))
-    other = fold_indices(train_labels, compose(*TINY, "seed=2"))
+    def folds(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return fold_indices(train_labels, folds=FOLDS, seed=seed, shuffle=True, stratified=False)
+
+    first, again, other = folds(1), folds(1), folds(2)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
 
@@ -207,7 +204,8 @@ def test_shuffled_folds_depend_on_the_seed(train_labels):
 def test_more_folds_than_the_smallest_class_is_a_config_error(
     prepared, train_labels, tmp_path, tmp_path_factory
 ):
-    from pipeline.crossval import crossval, fold_indices
+    from pipeline.core.folds import fold_indices
+    from pipeline.crossval import crossval
     from pipeline.infra.errors import ConfigError
 
     smallest = int(np.bincount(train_labels).min())
@@ -215,7 +213,7 @@ def test_more_folds_than_the_smallest_class_is_a_config_error(
     uri = new_store(tmp_path_factory, tmp_path)
     cfg = compose(*TINY, *overrides, f"tracking.uri={uri}")
     with pytest.raises(ConfigError) as raised:
-        fold_indices(train_labels, cfg)
+        fold_indices(train_labels, folds=smallest + 1, seed=42, shuffle=True, stratified=True)
     message = str(raised.value)
     assert names_key(message, "folds"), message
     assert str(smallest) in message
@@ -225,4 +223,7 @@ def test_more_folds_than_the_smallest_class_is_a_config_error(
     assert runs(uri) == []
     assert not (tmp_path / "out").exists()
     # Without stratification the same number of folds is fine (the whole set is large enough).
-    assert len(fold_indices(train_labels, compose(*TINY, f"folds={smallest + 1}"))) == smallest + 1
+    unstratified = fold_indices(
+        train_labels, folds=smallest + 1, seed=42, shuffle=True, stratified=False
+    )
+    assert len(unstratified) == smallest + 1

@@ -295,17 +295,16 @@ def test_misspelt_key_is_refused_before_any_work(cli, tmp_path):
 
 
 def test_more_folds_than_training_samples_is_a_config_error():
-    from pipeline.crossval import fold_indices
+    from pipeline.core.folds import fold_indices
 
     labels = np.arange(4) % 2
-    cfg = settings("dataset=digits", "folds=5", "crossval.stratified=false")
     with pytest.raises(ConfigError) as raised:
-        fold_indices(labels, cfg)
+        fold_indices(labels, folds=5, seed=42, shuffle=True, stratified=False)
     message = str(raised.value)
     assert names_key(message, "folds"), message
     assert "the training set has samples (4)" in message
     assert "Fix: use folds<=4" in message
-    assert len(fold_indices(labels, settings("dataset=digits", "folds=4"))) == 4
+    assert len(fold_indices(labels, folds=4, seed=42, shuffle=True, stratified=False)) == 4
 
 
 @pytest.mark.parametrize(
@@ -334,11 +333,13 @@ def test_more_mistyped_or_out_of_range_keys_are_named(compose, override, key):
 
 def test_unknown_activation_is_a_config_error():
     """Passes the schema (any string); Keras is the judge, before any model is built."""
+    from dataclasses import asdict
+
     from pipeline.core.models import build_model
 
     cfg = settings("dataset=digits", "model.activation=nope")
     with pytest.raises(ConfigError) as raised:
-        build_model(cfg.model, 8, 64, (8, 8))
+        build_model(**asdict(cfg.model), width=8, input_dim=64, image_shape=(8, 8))
     assert names_key(str(raised.value), "model.activation"), raised.value
 
 
@@ -354,9 +355,10 @@ def test_a_model_too_big_for_memory_stops_before_tensorflow_allocates(tmp_path, 
     assert result.returncode == 1, result.stderr
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert f"width={width}" in line and "free memory" in line and "smaller width" in line, line
-    # 64 inputs and 10 classes: 7.4e9 float32 weights, about 4 copies of each.
+    # 64 inputs and 10 classes: 7.5e9 float32 weights and biases, about 4 copies of each.
     needed = float(re.search(r"needs about ([\d.]+) GiB", line).group(1))
-    assert needed == pytest.approx(4 * 4 * (64 * width + width * 10) / 2**30, abs=0.1)
+    params = 64 * width + width + width * 10 + 10
+    assert needed == pytest.approx(4 * 4 * params / 2**30, abs=0.1)
     assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr
     for output in ("models", "metrics", "runs", "plots"):
         assert not (project / output).exists(), output

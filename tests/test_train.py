@@ -24,6 +24,8 @@ from run_helpers import (
     isolated_mlflow,
     new_store,
     prepared_digits,
+    project_copy,
+    run_module,
     runs,
     sqlite_uri,
 )
@@ -208,6 +210,28 @@ def test_predictions_csv_holds_every_test_image(trained: Trained, test_split):
     assert np.mean(actual == predicted) == pytest.approx(trained.metrics["test_accuracy"], abs=1e-6)
 
 
+def test_evaluate_matches_keras_loss_and_accuracy(trained: Trained, test_split):
+    """The test metrics train.json holds are the ones Keras computes for the same model."""
+    import keras
+
+    from pipeline.core.metrics import evaluate
+
+    model = keras.saving.load_model(trained.out / "models" / "model.keras")
+    probabilities = model.predict(test_split.x, verbose=0)
+    ours = evaluate(test_split.labels, probabilities)
+    loss, accuracy = model.evaluate(test_split.x, test_split.y, verbose=0)
+    assert ours["loss"] == pytest.approx(loss, rel=1e-5)
+    assert ours["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert {f"test_{k}": v for k, v in ours.items()} == pytest.approx(
+        {k: v for k, v in trained.metrics.items() if k.startswith("test_")}, rel=1e-6
+    )
+    # Keras clips to [1e-7, 1 - 1e-7] before the log: a certain wrong answer costs -log(1e-7).
+    labels = np.array([1, 3])
+    certain = np.eye(10, dtype=np.float32)[[1, 2]]
+    keras_loss = keras.losses.categorical_crossentropy(np.eye(10)[labels], certain)
+    assert evaluate(labels, certain)["loss"] == pytest.approx(float(np.mean(keras_loss)), rel=1e-6)
+
+
 def test_run_record_points_at_the_run(trained: Trained):
     record = json.loads((trained.out / "runs" / "train.json").read_text())
     assert record["run_id"] == trained.run.info.run_id
@@ -249,6 +273,52 @@ def test_cnn_trains_on_8x8_digits(prepared, tmp_path, tmp_path_factory, test_spl
     assert model.input_shape == (None, 64)
     assert model.predict(test_split.x[:3], verbose=0).shape == (3, 10)
     assert metrics["test_accuracy"] > 0.5  # chance is 0.1; it reaches ~0.75
+
+
+def test_lenet5_trains_on_8x8_digits(prepared, tmp_path, tmp_path_factory, test_split):
+    """model=lenet5 (conf/model/lenet5.yaml) through Hydra's composition of conf/."""
+    import keras
+
+    uri = new_store(tmp_path_factory, tmp_path)
+    metrics = train_in(tmp_path, prepared, uri, "model=lenet5", "epochs=3")
+    [run] = runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "lenet5"
+    model = keras.saving.load_model(tmp_path / "out" / "models" / "model.keras")
+    layers = model.layers
+    convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [(c.filters, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
+    assert sum(isinstance(layer, keras.layers.AveragePooling2D) for layer in layers) == 2
+    dense = [layer for layer in layers if isinstance(layer, keras.layers.Dense)]
+    assert [d.units for d in dense] == [120, 84, 10]  # width=32 does not change the head
+    assert {c.activation.__name__ for c in convs + dense[:-1]} == {"tanh"}
+    assert model.input_shape == (None, 64)
+    assert model.predict(test_split.x[:3], verbose=0).shape == (3, 10)
+    assert metrics["test_accuracy"] > 0.5  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_lenet5_trains_through_the_dvc_stage_command(prepared, tmp_path, tmp_path_factory):
+    """dvc.yaml's train command on a params.yaml that DVC's own composition wrote for
+    model=lenet5, as `dvc exp run -S model=lenet5` would."""
+    from pipeline.params import compose_params
+
+    project = project_copy(prepared, tmp_path / "project")
+    uri = new_store(tmp_path_factory, project)
+    overrides = ["dataset=digits", "model=lenet5", "epochs=2", f"batch_size={BATCH_SIZE}"]
+    params = compose_params([*overrides, f"tracking.uri={uri}"])
+    (project / "params.yaml").write_text(params, encoding="utf-8")
+    result = run_module(
+        "pipeline.train", "--config-dir", ".", "--config-name", "params", cwd=project
+    )
+    assert result.returncode == 0, result.stderr
+    [run] = runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "lenet5"
+    assert run.data.params["model.filters"] == "[6, 16]"
+    written = json.loads((project / "metrics" / "train.json").read_text())
+    assert written["test_accuracy"] > 0.5
+    assert (project / "models" / "model.keras").is_file()
 
 
 # --------------------------------------------------------------------------- reproducibility

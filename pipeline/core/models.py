@@ -1,207 +1,211 @@
-"""The networks (the seed MLP and a small CNN), seeding, and the one fit loop train and CV share."""
+"""The model types: one builder per architecture in `ARCHITECTURES`, and `build_model`.
+
+Every model takes flattened pixels, shape (N, rows*cols) in [0, 1], and ends in
+Dense(10, softmax), so train, CV and predict treat them alike. A model type is one entry in
+`ARCHITECTURES` plus its conf/model/<name>.yaml; the config schema reads the valid names and
+each architecture's conv-layer requirement from the table.
+
+This module does not import Keras until a model is built: the config schema imports it, and every
+stage validates its config before any heavy import.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import sys
-from collections.abc import Iterator, Mapping
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from pipeline.core.data import NUM_CLASSES
-from pipeline.infra.config import Config, ModelConfig
 from pipeline.infra.errors import ConfigError
 
-log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Hyper:
+    """The values a builder reads: image shape (rows, cols), dense `width` (units) and `depth`
+    (layers), activation and dropout rate, conv `filters` (one entry per conv layer)."""
+
+    image_shape: tuple[int, int]
+    width: int
+    depth: int
+    activation: str
+    dropout: float
+    filters: tuple[int, ...]
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence C-level writes to stderr: TensorFlow's import prints absl/oneDNN banners that
-    TF_CPP_MIN_LOG_LEVEL does not reach (tensorflow/tensorflow#100442). Python exceptions raised
-    inside still propagate and print normally once stderr is restored."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+# Flattened-pixels Keras tensor, Hyper -> the features the softmax layer reads.
+Builder = Callable[[Any, Hyper], Any]
 
 
-with quiet_stderr():
-    import keras
-    import tensorflow as tf
+@dataclass(frozen=True)
+class Architecture:
+    """A model type: its builder and how many conv layers (`model.filters` entries) it takes."""
 
-# Train steps per tf.function call: the same updates, fewer Python round trips per epoch
-# (the seed MLP's MNIST epoch: 2.40 s -> 1.93 s on 2 cores; docs/BENCHMARKS.md).
-STEPS_PER_EXECUTION = 32
+    build: Builder
+    min_filters: int = 0
+    max_filters: int | None = None
 
+    def filters_expected(self) -> str:
+        """What `model.filters` must hold, in words, for config errors."""
+        if self.max_filters == self.min_filters:
+            return f"exactly {self.min_filters} conv layers"
+        if self.min_filters == 1:
+            return "at least one conv layer"
+        return f"at least {self.min_filters} conv layers"
 
-def configure_threads(threads: int) -> None:
-    """Cap TensorFlow's thread pools, once per job, so parallel sweep jobs don't oversubscribe
-    the machine. `threads: 0` follows OMP_NUM_THREADS when it is set (Ray sets it to a task's
-    `num_cpus`; Slurm users set it to their allocation), else keeps TensorFlow's default: all
-    cores. Only possible before TensorFlow runs its first op."""
-    if not threads and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        threads = int(os.environ["OMP_NUM_THREADS"])
-        log.info("TensorFlow threads: %d (OMP_NUM_THREADS)", threads)
-    if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:  # already initialised in this process (e.g. a later sweep job)
-            pass
+    def takes_filters(self, count: int) -> bool:
+        return count >= self.min_filters and (self.max_filters is None or count <= self.max_filters)
 
 
-def check_memory(model: ModelConfig, width: int, input_dim: int) -> None:
-    """Refuse a model whose weights alone would not fit in memory, before TensorFlow tries.
+def _dense_head(x: Any, hp: Hyper) -> Any:
+    """`depth` x Dense(width, activation), each followed by Dropout when `dropout` > 0."""
+    from pipeline.core.training import keras
 
-    Weights, gradients and two optimizer slots: about 4 float32 copies of every parameter.
+    for _ in range(hp.depth):
+        x = keras.layers.Dense(hp.width, activation=hp.activation)(x)
+        if hp.dropout:
+            x = keras.layers.Dropout(hp.dropout)(x)
+    return x
+
+
+def mlp(pixels: Any, hp: Hyper) -> Any:
+    """The seed article's network with the defaults: Dense(512, relu) -> softmax."""
+    return _dense_head(pixels, hp)
+
+
+def cnn(pixels: Any, hp: Hyper) -> Any:
+    """The pixels as a 1-channel image; per `filters` entry a 3x3 same-padded Conv and a 2x2
+    MaxPool; Flatten, Dropout, then the dense head of `mlp`."""
+    from pipeline.core.training import keras
+
+    x = keras.layers.Reshape((*hp.image_shape, 1))(pixels)
+    for filters in hp.filters:
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation=hp.activation)(x)
+        x = keras.layers.MaxPooling2D(2, padding="same")(x)
+    x = keras.layers.Flatten()(x)
+    if hp.dropout:
+        x = keras.layers.Dropout(hp.dropout)(x)
+    return _dense_head(x, hp)
+
+
+def lenet5(pixels: Any, hp: Hyper) -> Any:
+    """LeNet-5 (LeCun, Bottou, Bengio & Haffner 1998, "Gradient-based learning applied to
+    document recognition", Fig. 2) on the flattened input: the pixels as a 1-channel image,
+    Conv(filters[0], 5x5) -> AvgPool(2) -> Conv(filters[1], 5x5) -> AvgPool(2) -> Flatten ->
+    Dense(120) -> Dense(84), then the shared Dense(10, softmax).
+
+    Both convs are same-padded (the paper pads 28x28 digits to 32x32 and uses valid convs), so
+    8x8 digits keep a 2x2 map. The paper's partial C3 connections, trainable subsampling and
+    RBF output are the usual full conv, average pool and softmax. `width` and `depth` are
+    ignored: the 120-84 head is part of the architecture; `dropout`, when > 0, follows each of
+    its two Dense layers.
     """
-    params = input_dim * width + (model.depth - 1) * width * width + width * NUM_CLASSES
-    if model.name == "cnn":
-        params += sum(9 * f * f for f in model.filters)
+    from pipeline.core.training import keras
+
+    x = keras.layers.Reshape((*hp.image_shape, 1))(pixels)
+    for filters in hp.filters:
+        x = keras.layers.Conv2D(filters, 5, padding="same", activation=hp.activation)(x)
+        x = keras.layers.AveragePooling2D(2, padding="same")(x)
+    x = keras.layers.Flatten()(x)
+    for units in (120, 84):
+        x = keras.layers.Dense(units, activation=hp.activation)(x)
+        if hp.dropout:
+            x = keras.layers.Dropout(hp.dropout)(x)
+    return x
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "mlp": Architecture(mlp),
+    "cnn": Architecture(cnn, min_filters=1),
+    "lenet5": Architecture(lenet5, min_filters=2, max_filters=2),
+}
+
+
+def check_memory(params: int, *, width: int, depth: int) -> None:
+    """Refuse a model of `params` parameters whose training state would not fit in free memory,
+    before TensorFlow tries. Weights, gradients and two optimizer slots: about 4 float32 copies
+    of every parameter (4 bytes each). Raises ConfigError naming width and model.depth."""
     needed = 4 * 4 * params
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if needed > available:
         raise ConfigError(
-            f"width={width} with model.depth={model.depth} needs about {needed / 2**30:.1f} GiB "
+            f"width={width} with model.depth={depth} needs about {needed / 2**30:.1f} GiB "
             f"for its weights alone, more than the {available / 2**30:.1f} GiB of free memory. "
             "Fix: use a smaller width or depth"
         )
 
 
-def new_session(seed: int, deterministic: bool) -> None:
-    """Start from a clean Keras state (frees earlier models, e.g. the previous fold's), seeded:
-    Python, NumPy and TensorFlow; optionally with deterministic TensorFlow ops."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
+def count_params(network: Callable[[], Any]) -> int:
+    """The number of parameters of the model that `network()` builds, without allocating them.
 
+    Keras 3 defers creating a variable made inside a StatelessScope; the deferred variables are
+    dropped again, so they are never allocated. Python's random state is restored, because Keras
+    draws each unseeded initializer's seed from it: the real model then gets the same weights as
+    if no probe had been built.
+    """
+    from keras.src.backend.common import global_state  # no public API drops deferred variables
 
-def _optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
+    from pipeline.core.training import keras
+
+    key = "uninitialized_variables"
+    pending = list(global_state.get_global_attribute(key) or [])
+    python_random = random.getstate()
     try:
-        return keras.optimizers.get(
-            {"class_name": model.optimizer, "config": {"learning_rate": model.learning_rate}}
-        )
-    except (ValueError, TypeError):
-        raise ConfigError(
-            f"model.optimizer={model.optimizer!r} is not a Keras optimizer. "
-            "Fix: use e.g. rmsprop, adam, sgd, adamw"
-        ) from None
+        with keras.StatelessScope(initialize_variables=False):
+            return int(network().count_params())
+    finally:
+        global_state.set_global_attribute(key, pending)
+        random.setstate(python_random)
 
 
-def _check_activation(model: ModelConfig) -> None:
+def _check_activation(activation: str) -> None:
+    from pipeline.core.training import keras
+
     try:
-        keras.activations.get(model.activation)
+        keras.activations.get(activation)
     except ValueError:
         raise ConfigError(
-            f"model.activation={model.activation!r} is not a Keras activation. "
+            f"model.activation={activation!r} is not a Keras activation. "
             "Fix: use e.g. relu, tanh, sigmoid, gelu"
         ) from None
 
 
-def build_model(model: ModelConfig, width: int, input_dim: int, image_shape: tuple[int, int]):
-    """A compiled Keras model taking flattened pixels (so every model has one input format).
+def build_model(
+    name: str,
+    *,
+    input_dim: int,
+    image_shape: tuple[int, int],
+    width: int,
+    depth: int,
+    activation: str,
+    dropout: float,
+    optimizer: str,
+    learning_rate: float,
+    filters: list[int] | tuple[int, ...],
+) -> Any:
+    """A compiled Keras model of type `name` (a key of ARCHITECTURES) taking flattened pixels,
+    shape (N, input_dim) with input_dim = rows*cols of `image_shape`, and giving class
+    probabilities, shape (N, 10); compiled by training.compile_model. The keyword arguments
+    besides input_dim, image_shape and width are conf/model's keys, so a stage passes
+    `**asdict(cfg.model)`.
 
-    mlp: depth x Dense(width, activation) -> Dense(10, softmax); the default is the seed article's
-    Dense(512, relu) -> Dense(10, softmax). cnn: the pixels reshaped to an image, then per entry
-    of `filters` a 3x3 Conv + 2x2 MaxPool, then dropout and the same dense head.
+    Raises ConfigError (naming the config key) for an unknown activation or optimizer, or when
+    the model's training state would not fit in free memory (check_memory); nothing is
+    allocated before these checks pass.
     """
-    check_memory(model, width, input_dim)
-    _check_activation(model)
-    inputs = keras.Input(shape=(input_dim,), name="pixels")
-    x = inputs
-    if model.name == "cnn":
-        x = keras.layers.Reshape((*image_shape, 1))(x)
-        for filters in model.filters:
-            x = keras.layers.Conv2D(filters, 3, padding="same", activation=model.activation)(x)
-            x = keras.layers.MaxPooling2D(2, padding="same")(x)
-        x = keras.layers.Flatten()(x)
-        if model.dropout:
-            x = keras.layers.Dropout(model.dropout)(x)
-    for _ in range(model.depth):
-        x = keras.layers.Dense(width, activation=model.activation)(x)
-        if model.dropout:
-            x = keras.layers.Dropout(model.dropout)(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
-    network = keras.Model(inputs, outputs, name=model.name)
-    network.compile(
-        optimizer=_optimizer(model),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
-        steps_per_execution=STEPS_PER_EXECUTION,
-    )
-    return network
+    from pipeline.core.training import compile_model, keras
 
+    _check_activation(activation)
+    rows, cols = image_shape
+    hp = Hyper((rows, cols), width, depth, activation, dropout, tuple(filters))
+    body = ARCHITECTURES[name].build
 
-def model_requirements() -> list[str]:
-    """Pinned pip requirements for the logged model: the packages that are installed here.
+    def network() -> keras.Model:
+        inputs = keras.Input(shape=(input_dim,), name="pixels")
+        features = body(inputs, hp)
+        outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")
+        return keras.Model(inputs, outputs(features), name=name)
 
-    Given explicitly because MLflow's inference of them reloads the model in a subprocess
-    (about 14 s a run) and would name the right packages anyway.
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    requirements = []
-    for package in ("tensorflow", "tensorflow-cpu", "keras", "numpy"):
-        try:
-            requirements.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
-    return requirements
-
-
-class EpochMetricsLogger(keras.callbacks.Callback):
-    """Log each epoch's metrics to the active MLflow run, with step = epoch (1-based).
-
-    If the store fails mid-training, training goes on (its results are saved locally); the
-    stage reports the tracking failure when it logs the final results.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failed = False
-
-    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-        import mlflow
-
-        if self.failed:
-            return
-        try:
-            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
-        except Exception as err:
-            self.failed = True
-            log.warning("MLflow logging failed (%s); training continues without it", err)
-
-
-def fit(
-    network: keras.Model,
-    x: np.ndarray,
-    y: np.ndarray,
-    cfg: Config,
-    validation_data: tuple[np.ndarray, np.ndarray] | None = None,
-) -> dict[str, list[float]]:
-    """Train with the configured epochs and batch size; returns the per-epoch history.
-
-    Keras' progress bar is shown on a terminal only, so CI logs stay readable.
-    """
-    history = network.fit(
-        x,
-        y,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        validation_data=validation_data,
-        validation_split=cfg.validation_split,  # Keras ignores it when validation_data is given
-        callbacks=[EpochMetricsLogger()],
-        verbose=1 if sys.stdout.isatty() else 0,
-    )
-    return {k: [float(v) for v in values] for k, values in history.history.items()}
+    check_memory(count_params(network), width=width, depth=depth)
+    return compile_model(network(), optimizer=optimizer, learning_rate=learning_rate)

@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.core.models import ARCHITECTURES
 from pipeline.infra.errors import ConfigError, first_line
 from pipeline.infra.paths import CONF_DIR
 
@@ -87,13 +88,15 @@ class ModelConfig:
     filters: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(self.name in ("mlp", "cnn"), "model.name", self.name, "'mlp' or 'cnn'")
+        names = sorted(ARCHITECTURES)
+        _require(self.name in ARCHITECTURES, "model.name", self.name, f"one of {names}")
         _require(self.depth >= 1, "model.depth", self.depth, ">= 1")
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
         _require(self.learning_rate > 0, "model.learning_rate", self.learning_rate, "> 0")
         _require(all(f >= 1 for f in self.filters), "model.filters", self.filters, "positive ints")
-        if self.name == "cnn":
-            _require(bool(self.filters), "model.filters", self.filters, "at least one conv layer")
+        architecture = ARCHITECTURES[self.name]
+        ok = architecture.takes_filters(len(self.filters))
+        _require(ok, "model.filters", self.filters, architecture.filters_expected())
 
 
 # The embedded store: a sqlite file in the project root (the working directory).
