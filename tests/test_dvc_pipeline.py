@@ -1,11 +1,12 @@
 """End to end with the real tools: `dvc repro`, `dvc metrics/plots show` and `dvc exp run -S` on
-a throw-away copy of the project (its own git repository), on the offline digits dataset with a
-tiny model.
+a throw-away copy of the project (its own git repository) set to the test-size preset
+(conf/debug/fast.yaml: the offline digits dataset, a tiny model, one epoch, two folds).
 
 One copy serves the whole module, in this order: the first `dvc repro` (all five stages), checks
-of what it wrote, a second `dvc repro` (nothing to do), an epochs change in conf/ (only train,
-crossval and report re-run), then `dvc exp run -S epochs=3` (DVC recomposes params.yaml from
-conf/ and the training really uses 3 epochs). Each later step is a module fixture that builds on
+of what it wrote, a second `dvc repro` (nothing to do), an edit of the image grids' code (only
+preprocess and report are stale), an epochs change in conf/ (only train, crossval and report
+re-run), then `dvc exp run -S epochs=3` (DVC recomposes params.yaml from conf/ and the training
+really uses 3 epochs). Each later step is a module fixture that builds on
 the earlier ones, so any single test can also be run alone.
 """
 
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.slow
 SOURCE = Path(__file__).resolve().parent.parent
 STAGES = ("fetch", "preprocess", "train", "crossval", "report")
 FIGURES_IN_REPORT = 6  # samples, history, confusion, misclassified, fold curves, fold boxplot
-TINY = {"epochs": 1, "folds": 2, "width": 32}
 LEFTOVERS = {"dvc.lock"}  # a pipeline run in the source checkout: the copy starts afresh
 
 
@@ -70,12 +70,16 @@ class Project:
     def params(self) -> dict:
         return yaml.safe_load((self.root / "params.yaml").read_text(encoding="utf-8"))
 
-    def set_conf(self, pattern: str, replacement: str) -> None:
-        """Edit conf/config.yaml; the pattern must match exactly one line."""
-        path = self.root / "conf" / "config.yaml"
+    def set_conf(self, pattern: str, replacement: str, name: str = "config.yaml") -> None:
+        """Edit conf/<name>; the pattern must match exactly one line."""
+        path = self.root / "conf" / name
         text, count = re.subn(pattern, replacement, path.read_text(encoding="utf-8"), flags=re.M)
-        assert count == 1, f"{pattern!r} should match one line of conf/config.yaml"
+        assert count == 1, f"{pattern!r} should match one line of conf/{name}"
         path.write_text(text, encoding="utf-8")
+
+    def use_fast_preset(self) -> None:
+        """Turn the test-size preset (conf/debug/fast.yaml) on in conf/'s defaults list."""
+        self.set_conf(r"^  - debug: null$", "  - debug: fast")
 
 
 def _environment() -> dict[str, str]:
@@ -119,19 +123,17 @@ def _copy_project(dest: Path) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
-    """A committed copy of the project set to digits with a tiny model, after one `dvc repro`."""
+    """A committed copy of the project set to the test-size preset, after one `dvc repro`."""
     root = tmp_path_factory.mktemp("dvc-project")
     _copy_project(root)
     assert not (root / "data").exists() and not (root / "dvc.lock").exists()
     proj = Project(root=root, env=_environment(), first_repro="")
-    proj.set_conf(r"^  - dataset: \w+$", "  - dataset: digits")
-    for key, value in TINY.items():
-        proj.set_conf(rf"^{key}: \d+$", f"{key}: {value}")
+    proj.use_fast_preset()
 
     proj.python("-m", "pipeline.params")  # the copy's own pipeline package (cwd comes first)
     params = proj.params()
     assert params["dataset"]["name"] == "digits"
-    assert {k: params[k] for k in TINY} == TINY
+    assert (params["epochs"], params["folds"]) == (1, 2)  # what the tests below count on
     proj.python("-m", "pipeline.params", "--check")
 
     proj.git("init", "-q")
@@ -148,8 +150,9 @@ def second_repro(project: Project) -> str:
 
 @pytest.fixture(scope="module")
 def epochs_changed(project: Project, second_repro: str) -> str:
-    """conf/ epochs 1 -> 2, params.yaml regenerated, `dvc repro`: its stdout."""
-    project.set_conf(r"^epochs: \d+$", "epochs: 2")
+    """conf/ epochs 1 -> 2 (in the preset, which overrides config.yaml), params.yaml
+    regenerated, `dvc repro`: its stdout."""
+    project.set_conf(r"^epochs: \d+$", "epochs: 2", "debug/fast.yaml")
     project.python("-m", "pipeline.params")
     assert project.params()["epochs"] == 2
     return project.dvc("repro").stdout
@@ -252,6 +255,24 @@ def test_second_repro_has_nothing_to_do(second_repro: str) -> None:
     assert _skipped(second_repro) == set(STAGES)
 
 
+def test_editing_the_image_grids_stales_only_the_stages_that_draw_them(
+    project: Project, second_repro: str
+) -> None:
+    """pipeline/core/grids.py draws the sample grid (preprocess) and the misclassified gallery
+    (report): an edit to it makes those two stale, never the training stages."""
+    grids = project.root / "pipeline" / "core" / "grids.py"
+    original = grids.read_text(encoding="utf-8")
+    grids.write_text(original + "# an edit\n", encoding="utf-8")
+    try:
+        status = json.loads(project.dvc("status", "--json").stdout)
+    finally:
+        grids.write_text(original, encoding="utf-8")
+    assert set(status) == {"preprocess", "report"}, status
+    for stage in ("preprocess", "report"):
+        assert {"changed deps": {"pipeline/core/grids.py": "modified"}} in status[stage], status
+    assert json.loads(project.dvc("status", "--json").stdout) == {}  # back as it was
+
+
 def test_metrics_show(project: Project) -> None:
     shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
     metrics = shown[""]["data"]
@@ -316,7 +337,7 @@ def test_exp_run_set_param_reaches_training_through_hydra(
     assert _skipped(experiment) == {"fetch", "preprocess"}
     # DVC recomposed params.yaml from conf/ + the override; conf/ itself is unchanged
     assert project.params()["epochs"] == 3
-    assert re.search(r"^epochs: 2$", (project.root / "conf/config.yaml").read_text(), re.M)
+    assert re.search(r"^epochs: 2$", (project.root / "conf/debug/fast.yaml").read_text(), re.M)
     # the stage read it through Hydra and trained with it
     used = json.loads((project.root / "runs/train.json").read_text("utf-8"))["config"]
     assert used["epochs"] == 3

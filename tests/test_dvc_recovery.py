@@ -1,7 +1,7 @@
 """Ctrl-C in the middle of a real `dvc repro`, then the next `dvc repro` recovers.
 
-On a throw-away copy of the project (its own git repository, digits, a tiny model trained for
-long enough to be caught mid-training): start `dvc repro`, wait until the train stage's MLflow
+On a throw-away copy of the project (its own git repository, the test-size preset with enough
+epochs to be caught mid-training): start `dvc repro`, wait until the train stage's MLflow
 run is RUNNING, then send SIGINT to the whole process group, as a terminal's Ctrl-C does. DVC
 and the stage both get it: the stage ends its run KILLED and keeps no partial output, DVC exits
 non-zero without recording train in dvc.lock. SIGTERM to the group (a second copy) ends the
@@ -29,7 +29,7 @@ from test_dvc_pipeline import STAGES, Project, _copy_project, _environment, _mlf
 pytestmark = pytest.mark.slow
 
 # 30 epochs so the train stage runs long enough to be interrupted; 1 for the recovery run.
-TINY = {"epochs": 30, "folds": 2, "width": 32}
+INTERRUPTED_EPOCHS = 30
 OUTPUT_DIRS = ("models", "metrics", "plots", "runs")
 START_DEADLINE_S = 240  # fetch + preprocess + TensorFlow's import on busy cores
 EXIT_DEADLINE_S = 60
@@ -79,9 +79,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, sig: signal.Signals) -> Pr
     root = tmp_path_factory.mktemp(f"dvc-recovery-{sig.name}")
     _copy_project(root)
     proj = Project(root=root, env=_environment(), first_repro="")
-    proj.set_conf(r"^  - dataset: \w+$", "  - dataset: digits")
-    for key, value in TINY.items():
-        proj.set_conf(rf"^{key}: \d+$", f"{key}: {value}")
+    proj.use_fast_preset()
+    proj.set_conf(r"^epochs: \d+$", f"epochs: {INTERRUPTED_EPOCHS}", "debug/fast.yaml")
     proj.python("-m", "pipeline.params")
     proj.git("init", "-q")
     proj.git("add", "-A")
@@ -139,7 +138,7 @@ def interrupted(project: Project, sig: signal.Signals) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def recovered(project: Project, interrupted: tuple[int, str, str]) -> str:
     """Back to 1 epoch (fast), committed, then a normal `dvc repro` to completion."""
-    project.set_conf(r"^epochs: \d+$", "epochs: 1")
+    project.set_conf(r"^epochs: \d+$", "epochs: 1", "debug/fast.yaml")
     project.python("-m", "pipeline.params")
     project.git("add", "-A")
     project.git("commit", "-q", "-m", "epochs 1")
@@ -201,5 +200,5 @@ def test_next_repro_reruns_only_the_interrupted_stages(
     trains = [r for r in runs if r.data.tags.get("stage") == "train"]
     assert [(r.data.params["epochs"], r.info.status) for r in trains] == [
         ("1", "FINISHED"),
-        ("30", "KILLED"),
+        (str(INTERRUPTED_EPOCHS), "KILLED"),
     ]
