@@ -6,8 +6,8 @@ One copy serves the whole module, in this order: the first `dvc repro` (all five
 of what it wrote, a second `dvc repro` (nothing to do), an edit of the image grids' code (only
 preprocess and report are stale), an epochs change in conf/ (only train, crossval and report
 re-run), then `dvc exp run -S epochs=3` (DVC recomposes params.yaml from conf/ and the training
-really uses 3 epochs). Each later step is a module fixture that builds on
-the earlier ones, so any single test can also be run alone.
+really uses 3 epochs). Each later step is a module fixture that builds on the earlier ones, so
+any single test can also be run alone.
 """
 
 from __future__ import annotations
