@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny real IDX files, a real local HTTP server, the prepared digits dataset,
-Hydra composition of conf/ and a runner for the stage CLIs.
+"""The shared fixtures (and only fixtures: plain helpers live in run_helpers.py): tiny real IDX
+files, a real local HTTP server, the prepared digits dataset, a digits model trained once per
+session and a runner for the stage CLIs.
 
 Everything here is real: files are written with pipeline.core.idx, served over 127.0.0.1 by
 http.server, and stages are run as `python -m pipeline.<stage>` subprocesses. Nothing touches
@@ -28,7 +29,15 @@ _no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
 _no_proxy = ",".join(p for p in (_no_proxy, "127.0.0.1", "localhost") if p)
 os.environ["no_proxy"] = os.environ["NO_PROXY"] = _no_proxy
 
-from run_helpers import CONF_DIR  # noqa: E402
+from run_helpers import (  # noqa: E402
+    TrainedDigits,
+    free_port,
+    isolated_mlflow,
+    new_store,
+    prepared_digits,
+    run_module,
+    settings,
+)
 
 from pipeline.core.idx import raw_sha256, write_idx  # noqa: E402
 from pipeline.infra.config import DatasetConfig  # noqa: E402
@@ -157,8 +166,6 @@ def http_server() -> Iterator[Callable[..., Served]]:
 @pytest.fixture
 def closed_port() -> int:
     """A 127.0.0.1 port nothing listens on (connection refused)."""
-    from run_helpers import free_port
-
     return free_port()
 
 
@@ -183,31 +190,53 @@ def fetch_digits() -> Callable[..., Path]:
 def digits_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The prepared digits, fetched and preprocessed once per session (the same copy the
     run_helpers users get); do not modify."""
-    from run_helpers import prepared_digits
-
     return prepared_digits(tmp_path_factory)
 
 
-# --------------------------------------------------------------------------- config and CLI
+# 30 epochs reach ~0.96 test accuracy on digits (width 64); 60 reach ~0.98, enough for
+# test_predict.py's rendered digits (see its MIN_CORRECT).
+TRAINED_EPOCHS = 60
+TRAINED_WIDTH = 64
 
 
-@pytest.fixture
-def compose() -> Callable[..., object]:
-    """compose(*overrides) -> conf/config.yaml composed by Hydra's compose API (a DictConfig)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+@pytest.fixture(scope="session")
+def trained_digits(
+    digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory
+) -> TrainedDigits:
+    """A digits model trained once per session exactly as the pipeline does (the test-size
+    preset, longer and wider; train() into a sqlite store of its own), for test_predict.py and
+    test_serving.py; do not modify."""
+    from pipeline.core.data import load_split
+    from pipeline.infra.files import read_json
+    from pipeline.train import train
 
-    def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+    root = tmp_path_factory.mktemp("predict")
+    uri = new_store(tmp_path_factory, root)
+    cfg = settings(
+        "debug=fast", f"epochs={TRAINED_EPOCHS}", f"width={TRAINED_WIDTH}", f"tracking.uri={uri}"
+    )
+    # train() makes `uri` MLflow's global store; isolated_mlflow puts the previous one back, so
+    # it does not leak into later tests (or their subprocesses, through MLFLOW_TRACKING_URI).
+    with isolated_mlflow(root, uri):
+        metrics = train(cfg, digits_prepared, out_root=root)
+    test = load_split(digits_prepared / "test.npz")
+    return TrainedDigits(
+        root=root,
+        model=root / "models" / "model.keras",
+        run_id=read_json(root / "runs" / "train.json")["run_id"],
+        tracking_uri=uri,
+        test_images=test.images,
+        test_labels=test.labels,
+        test_accuracy=metrics["test_accuracy"],
+    )
 
-    return _compose
+
+# --------------------------------------------------------------------------- the stage CLIs
 
 
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """cli(cwd, "pipeline.fetch", "dataset=digits", ...) -> CompletedProcess (text)."""
-    from run_helpers import run_module
 
     def _cli(cwd: Path, module: str, *args: str, timeout: float = 120):
         return run_module(module, *args, cwd=cwd, timeout=timeout)

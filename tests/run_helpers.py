@@ -1,5 +1,5 @@
-"""Helpers shared by the train, crossval, tracking and sweep tests (not fixtures: plain functions,
-so each test module can wrap them in its own fixtures without depending on conftest.py).
+"""The one home of the tests' shared helpers: plain functions and constants (the fixtures that
+wrap them are in conftest.py). No test module imports another (tests/test_architecture.py).
 
 Everything is real: the digits dataset is fetched and preprocessed with the pipeline's own code,
 configs are composed from conf/ with Hydra's compose API and validated, and every MLflow store
@@ -9,6 +9,7 @@ is a real sqlite database read back through mlflow.MlflowClient.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -16,17 +17,33 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
+from PIL import Image
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Found here, not taken from pipeline.infra.paths: test_params checks the pipeline's against it.
 CONF_DIR = PROJECT_ROOT / "conf"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "digits-digits"  # experiment_name() for dataset=digits with tracking.experiment=null
+STAGES = ("fetch", "preprocess", "train", "crossval", "report")  # in dvc.yaml's order
+# The sections every report has (its <h2> headings start with these).
+REPORT_SECTIONS = (
+    "Test result",
+    "Dataset",
+    "Training curves",
+    "Confusion matrix",
+    "Misclassified",
+    "Cross-validation",
+    "Provenance",
+)
 
 _cache: dict[str, Path] = {}
 
@@ -91,15 +108,30 @@ def new_store(factory: pytest.TempPathFactory, dest_dir: Path) -> str:
     return sqlite_uri(dest_dir / "mlflow.db")
 
 
-def compose(*overrides: str):
-    """Compose conf/config.yaml with Hydra's compose API and validate it -> pipeline Config."""
+def compose(
+    *overrides: str,
+    config_dir: Path = CONF_DIR,
+    config_name: str = "config",
+    return_hydra_config: bool = False,
+):
+    """conf/config.yaml (or `config_name` in `config_dir`) composed by Hydra's compose API, the
+    way a stage's @hydra.main does (version_base 1.3) -> a DictConfig, not yet validated."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return hydra_compose(
+            config_name=config_name,
+            overrides=list(overrides),
+            return_hydra_config=return_hydra_config,
+        )
+
+
+def settings(*overrides: str):
+    """conf/ composed with `overrides` and validated -> the pipeline Config a stage runs with."""
     from pipeline.infra.config import validate
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(hydra_compose(config_name="config", overrides=list(overrides)))
+    return validate(compose(*overrides))
 
 
 @contextlib.contextmanager
@@ -242,3 +274,185 @@ def run_module(
         timeout=timeout,
         check=False,
     )
+
+
+# --------------------------------------------------------------------------- a DVC project copy
+
+
+@dataclass
+class DvcProject:
+    """A throw-away copy of the project (see dvc_project) and the commands run in it."""
+
+    root: Path
+    env: dict[str, str]
+    first_repro: str = ""  # stdout of the first `dvc repro`, for the tests that run one
+
+    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Run a command in the copy; fail the test with its output if it fails."""
+        done = subprocess.run(
+            list(args),
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert done.returncode == 0, (
+            f"{' '.join(args)} exited {done.returncode}\n"
+            f"--- stdout\n{done.stdout[-6000:]}\n--- stderr\n{done.stderr[-6000:]}"
+        )
+        return done
+
+    def python(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(sys.executable, *args)
+
+    def dvc(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("dvc", *args)
+
+    def git(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            "git", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args
+        )
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text(encoding="utf-8"))
+
+    def set_conf(self, pattern: str, replacement: str, name: str = "config.yaml") -> None:
+        """Edit conf/<name>; the pattern must match exactly one line."""
+        path = self.root / "conf" / name
+        text, count = re.subn(pattern, replacement, path.read_text(encoding="utf-8"), flags=re.M)
+        assert count == 1, f"{pattern!r} should match one line of conf/{name}"
+        path.write_text(text, encoding="utf-8")
+
+    def mlflow_runs(self) -> list:
+        """Every run in the copy's store for the digits experiment, newest first."""
+        mlflow_client = client(sqlite_uri(self.root / "mlflow.db"))
+        experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+        assert experiment is not None, "the stages log to experiment digits-<dataset.name>"
+        return mlflow_client.search_runs(
+            [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000
+        )
+
+
+def dvc_project(root: Path) -> DvcProject:
+    """Copy the files git would carry (tracked, and untracked but not ignored) into `root` and
+    turn the test-size preset (conf/debug/fast.yaml) on in the copy's conf/ defaults list."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "-co", "--exclude-standard"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if name.startswith(("tests/", "mlflow.db")) or name == "dvc.lock":
+            continue  # the tests, and what running the pipeline in this checkout leaves
+        src = PROJECT_ROOT / name
+        if src.is_file():  # listed but deleted in the working tree: skip
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name)
+    project = DvcProject(root=root, env=_dvc_environment())
+    project.set_conf(r"^  - debug: null$", "  - debug: fast")
+    return project
+
+
+def _dvc_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
+    bin_dir = str(Path(sys.executable).parent)  # this venv: `python` in dvc.yaml, dvc
+    env.update(
+        PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]),
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        GIT_AUTHOR_NAME="Pipeline Test",
+        GIT_AUTHOR_EMAIL="pipeline-test@example.invalid",
+        GIT_COMMITTER_NAME="Pipeline Test",
+        GIT_COMMITTER_EMAIL="pipeline-test@example.invalid",
+        no_proxy="127.0.0.1,localhost",
+        NO_PROXY="127.0.0.1,localhost",
+        # DVC runs each stage through $SHELL (or /bin/sh). bash execs a lone command, so DVC
+        # reports the stage's own exit code; dash stays in between and dies of a Ctrl-C itself,
+        # which DVC reports as "exited with -2" whatever the stage did (CI has no $SHELL).
+        SHELL=shutil.which("bash") or "/bin/bash",
+    )
+    return env
+
+
+# --------------------------------------------------------------------------- digit images
+
+
+@dataclass(frozen=True)
+class TrainedDigits:
+    """The digits model conftest's `trained_digits` trains once per session, and what it knows."""
+
+    root: Path
+    model: Path  # the .keras file the train stage saved
+    run_id: str
+    tracking_uri: str
+    test_images: np.ndarray  # (N, 8, 8) float32 in [0, 1]
+    test_labels: np.ndarray  # (N,)
+    test_accuracy: float
+
+    @property
+    def run_model_uri(self) -> str:
+        return f"runs:/{self.run_id}/model"
+
+
+# The ways people store a digit, as render() writes them.
+STYLES = (
+    "dark-on-light.png",
+    "light-on-dark.png",
+    "colour.jpg",
+    "transparent.png",
+    "off-centre.png",
+)
+
+
+def _grey(digit: np.ndarray, size: int, resample: int = Image.Resampling.NEAREST) -> Image.Image:
+    """An 8x8 digit in [0, 1] (light on dark) as a size x size grey image, light on dark."""
+    image = Image.fromarray(np.round(digit * 255).astype(np.uint8), mode="L")
+    return image.resize((size, size), resample)
+
+
+def _inverted(image: Image.Image) -> Image.Image:
+    return Image.fromarray(255 - np.asarray(image))
+
+
+def render(digit: np.ndarray, style: str, path: Path, index: int = 0) -> Path:
+    """Save an 8x8 test digit as an ordinary image file in one of the STYLES; returns the path."""
+    if style == "dark-on-light.png":
+        _inverted(_grey(digit, 80)).save(path)
+    elif style == "light-on-dark.png":
+        _grey(digit, 80).save(path)
+    elif style == "colour.jpg":  # dark blue ink on cream paper, smooth edges, lossy
+        ink = np.asarray(_grey(digit, 96, Image.Resampling.BICUBIC), dtype=np.float32)[..., None]
+        ink = ink / 255
+        paper, pen = np.array([250, 244, 228]), np.array([25, 35, 140])
+        rgb = np.round(paper * (1 - ink) + pen * ink).astype(np.uint8)
+        Image.fromarray(rgb, mode="RGB").save(path, quality=85)
+    elif style == "transparent.png":  # black ink, the digit in the alpha channel
+        rgba = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
+        rgba.putalpha(_grey(digit, 80))
+        rgba.save(path)
+    elif style == "off-centre.png":  # a large page, grey paper, the digit somewhere off-centre
+        ink = np.asarray(_grey(digit, 80), dtype=np.float32) / 255
+        page = np.full((180, 260), 225, dtype=np.float32)
+        top, left = 10 + (index * 37) % 80, 15 + (index * 53) % 150
+        page[top : top + 80, left : left + 80] = 225 - 190 * ink
+        Image.fromarray(np.round(page).astype(np.uint8), mode="L").save(path)
+    else:
+        raise ValueError(style)
+    return path
+
+
+def run_predict(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline.predict ARGS` in `cwd`; env: cli_env(), without MLFLOW_TRACKING_URI."""
+    return run_module("pipeline.predict", *args, cwd=cwd, env=env)
+
+
+def parse_json(result: subprocess.CompletedProcess[str]) -> list[dict]:
+    """The --json answer of a predict run that must have succeeded."""
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

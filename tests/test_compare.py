@@ -18,7 +18,6 @@ from pipeline.compare import main, run_compare, to_markdown
 from pipeline.core.comparison import CompareError, Comparison, ConfigRun, compare_runs
 from pipeline.core.stats import paired_t_test, summarize, welch_t_test
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TABLE_HEADER = (
     "| rank | config | folds | mean | std | 95% CI | Δ vs best | p | test | verdict | run |"
 )

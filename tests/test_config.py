@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from run_helpers import CONF_DIR, names_key
+from run_helpers import CONF_DIR, compose, names_key
 
 from pipeline.infra.config import Config, validate
 from pipeline.infra.errors import ConfigError
@@ -33,7 +33,7 @@ def test_conf_groups_hold_exactly_the_expected_options():
     assert found == GROUP_OPTIONS
 
 
-def test_default_config_validates(compose):
+def test_default_config_validates():
     cfg = validate(compose())
     assert isinstance(cfg, Config)
     assert (cfg.epochs, cfg.batch_size, cfg.folds, cfg.width) == (5, 128, 5, 512)
@@ -48,7 +48,7 @@ def test_default_config_validates(compose):
     ("group", "option"),
     [(group, option) for group, options in GROUP_OPTIONS.items() for option in sorted(options)],
 )
-def test_every_group_option_composes_and_validates(compose, group, option):
+def test_every_group_option_composes_and_validates(group, option):
     cfg = validate(compose(f"{group}={option}"))
     if group == "dataset":
         assert cfg.dataset.name == option
@@ -64,7 +64,7 @@ def test_every_group_option_composes_and_validates(compose, group, option):
         assert (cfg.tracking.uri is None) == (option == "server")
 
 
-def test_overrides_reach_the_typed_config(compose):
+def test_overrides_reach_the_typed_config():
     cfg = validate(compose("epochs=2", "batch_size=64", "folds=3", "width=16", "model=cnn"))
     assert (cfg.epochs, cfg.batch_size, cfg.folds, cfg.width) == (2, 64, 3, 16)
     assert cfg.model.filters == [32, 64]
@@ -92,7 +92,7 @@ def test_overrides_reach_the_typed_config(compose):
         ("validation_split=1.0", "validation_split"),
     ],
 )
-def test_invalid_value_raises_config_error_naming_the_key(compose, override, key):
+def test_invalid_value_raises_config_error_naming_the_key(override, key):
     overrides = override if isinstance(override, tuple) else (override,)
     cfg = compose(*overrides)
     with pytest.raises(ConfigError) as excinfo:
@@ -102,12 +102,12 @@ def test_invalid_value_raises_config_error_naming_the_key(compose, override, key
     assert "\n" not in message  # one clean line, not OmegaConf's context dump
 
 
-def test_cnn_without_conv_layers_is_rejected(compose):
+def test_cnn_without_conv_layers_is_rejected():
     with pytest.raises(ConfigError, match=r"model\.filters"):
         validate(compose("model=cnn", "model.filters=[]"))
 
 
-def test_lenet5_takes_exactly_two_conv_layers(compose):
+def test_lenet5_takes_exactly_two_conv_layers():
     assert validate(compose("model=lenet5")).model.filters == [6, 16]
     assert validate(compose("model=lenet5", "model.filters=[8,32]")).model.filters == [8, 32]
     for filters in ("[]", "[6]", "[6,16,32]"):

@@ -14,7 +14,6 @@ import pytest
 from run_helpers import (
     assert_png,
     client,
-    compose,
     download,
     history,
     isolated_mlflow,
@@ -22,11 +21,12 @@ from run_helpers import (
     new_store,
     prepared_digits,
     runs,
+    settings,
 )
 
 FOLDS = 3
 EPOCHS = 2
-TINY = ("dataset=digits", f"folds={FOLDS}", f"epochs={EPOCHS}", "width=32", "batch_size=32")
+TINY = ("debug=fast", f"folds={FOLDS}", f"epochs={EPOCHS}", "batch_size=32")
 
 
 @dataclass
@@ -56,7 +56,7 @@ def cv(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> CrossValidat
 
     root = tmp_path_factory.mktemp("crossval")
     uri = new_store(tmp_path_factory, root)
-    cfg = compose(*TINY, f"tracking.uri={uri}")
+    cfg = settings(*TINY, f"tracking.uri={uri}")
     with isolated_mlflow(root):
         metrics = crossval(cfg, prepared, root / "out")
     found = runs(uri)
@@ -211,7 +211,7 @@ def test_more_folds_than_the_smallest_class_is_a_config_error(
     smallest = int(np.bincount(train_labels).min())
     overrides = (f"folds={smallest + 1}", "crossval.stratified=true")
     uri = new_store(tmp_path_factory, tmp_path)
-    cfg = compose(*TINY, *overrides, f"tracking.uri={uri}")
+    cfg = settings(*TINY, *overrides, f"tracking.uri={uri}")
     with pytest.raises(ConfigError) as raised:
         fold_indices(train_labels, folds=smallest + 1, seed=42, shuffle=True, stratified=True)
     message = str(raised.value)

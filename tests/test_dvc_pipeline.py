@@ -13,122 +13,23 @@ any single test can also be run alone.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from test_report import SECTIONS  # the sections every report must have
+from run_helpers import REPORT_SECTIONS, STAGES, DvcProject, dvc_project
 
 pytestmark = pytest.mark.slow
 
-SOURCE = Path(__file__).resolve().parent.parent
-STAGES = ("fetch", "preprocess", "train", "crossval", "report")
 FIGURES_IN_REPORT = 6  # samples, history, confusion, misclassified, fold curves, fold boxplot
-LEFTOVERS = {"dvc.lock"}  # a pipeline run in the source checkout: the copy starts afresh
-
-
-@dataclass
-class Project:
-    root: Path
-    env: dict[str, str]
-    first_repro: str  # stdout of the first `dvc repro`
-
-    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """Run a command in the copy; fail the test with its output if it fails."""
-        done = subprocess.run(
-            list(args),
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        assert done.returncode == 0, (
-            f"{' '.join(args)} exited {done.returncode}\n"
-            f"--- stdout\n{done.stdout[-6000:]}\n--- stderr\n{done.stderr[-6000:]}"
-        )
-        return done
-
-    def python(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run(sys.executable, *args)
-
-    def dvc(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run("dvc", *args)
-
-    def git(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run(
-            "git", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args
-        )
-
-    def params(self) -> dict:
-        return yaml.safe_load((self.root / "params.yaml").read_text(encoding="utf-8"))
-
-    def set_conf(self, pattern: str, replacement: str, name: str = "config.yaml") -> None:
-        """Edit conf/<name>; the pattern must match exactly one line."""
-        path = self.root / "conf" / name
-        text, count = re.subn(pattern, replacement, path.read_text(encoding="utf-8"), flags=re.M)
-        assert count == 1, f"{pattern!r} should match one line of conf/{name}"
-        path.write_text(text, encoding="utf-8")
-
-    def use_fast_preset(self) -> None:
-        """Turn the test-size preset (conf/debug/fast.yaml) on in conf/'s defaults list."""
-        self.set_conf(r"^  - debug: null$", "  - debug: fast")
-
-
-def _environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
-    bin_dir = str(Path(sys.executable).parent)  # this venv: `python` in dvc.yaml, dvc
-    env.update(
-        PATH=os.pathsep.join([bin_dir, env.get("PATH", "")]),
-        MLFLOW_DISABLE_TELEMETRY="true",
-        DVC_NO_ANALYTICS="1",
-        TF_CPP_MIN_LOG_LEVEL="2",
-        GIT_AUTHOR_NAME="Pipeline Test",
-        GIT_AUTHOR_EMAIL="pipeline-test@example.invalid",
-        GIT_COMMITTER_NAME="Pipeline Test",
-        GIT_COMMITTER_EMAIL="pipeline-test@example.invalid",
-        no_proxy="127.0.0.1,localhost",
-        NO_PROXY="127.0.0.1,localhost",
-        # DVC runs each stage through $SHELL (or /bin/sh). bash execs a lone command, so DVC
-        # reports the stage's own exit code; dash stays in between and dies of a Ctrl-C itself,
-        # which DVC reports as "exited with -2" whatever the stage did (CI has no $SHELL).
-        SHELL=shutil.which("bash") or "/bin/bash",
-    )
-    return env
-
-
-def _copy_project(dest: Path) -> None:
-    """The files git would carry (tracked, and untracked but not ignored), without tests/."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "-co", "--exclude-standard"],
-        cwd=SOURCE,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        if name.startswith("tests/") or name in LEFTOVERS or name.startswith("mlflow.db"):
-            continue  # the tests, and what running the pipeline in the source checkout leaves
-        src = SOURCE / name
-        if src.is_file():  # listed but deleted in the working tree: skip
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+def project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
     """A committed copy of the project set to the test-size preset, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("dvc-project")
-    _copy_project(root)
-    assert not (root / "data").exists() and not (root / "dvc.lock").exists()
-    proj = Project(root=root, env=_environment(), first_repro="")
-    proj.use_fast_preset()
+    proj = dvc_project(tmp_path_factory.mktemp("dvc-project"))
+    assert not (proj.root / "data").exists() and not (proj.root / "dvc.lock").exists()
 
     proj.python("-m", "pipeline.params")  # the copy's own pipeline package (cwd comes first)
     params = proj.params()
@@ -144,12 +45,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
 
 
 @pytest.fixture(scope="module")
-def second_repro(project: Project) -> str:
+def second_repro(project: DvcProject) -> str:
     return project.dvc("repro").stdout
 
 
 @pytest.fixture(scope="module")
-def epochs_changed(project: Project, second_repro: str) -> str:
+def epochs_changed(project: DvcProject, second_repro: str) -> str:
     """conf/ epochs 1 -> 2 (in the preset, which overrides config.yaml), params.yaml
     regenerated, `dvc repro`: its stdout."""
     project.set_conf(r"^epochs: \d+$", "epochs: 2", "debug/fast.yaml")
@@ -159,7 +60,7 @@ def epochs_changed(project: Project, second_repro: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def experiment(project: Project, epochs_changed: str) -> str:
+def experiment(project: DvcProject, epochs_changed: str) -> str:
     """Commit the epochs-2 baseline, then `dvc exp run -S epochs=3`: its stdout."""
     project.git("add", "-A")
     project.git("commit", "-q", "-m", "epochs 2")
@@ -174,22 +75,10 @@ def _skipped(stdout: str) -> set[str]:
     return set(re.findall(r"^Stage '(\w+)' didn't change, skipping", stdout, flags=re.M))
 
 
-def _mlflow_runs(project: Project) -> list:
-    """Every run in the copy's store for the digits experiment, newest first."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project.root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("digits-digits")
-    assert experiment is not None, "the stages log to experiment digits-<dataset.name>"
-    return client.search_runs(
-        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000
-    )
-
-
 # --------------------------------------------------------------------------- first dvc repro
 
 
-def test_first_repro_runs_every_stage_in_order(project: Project) -> None:
+def test_first_repro_runs_every_stage_in_order(project: DvcProject) -> None:
     out = project.first_repro
     positions = [out.index(f"Running stage '{stage}'") for stage in STAGES]
     assert positions == sorted(positions), "stages ran out of dependency order"
@@ -198,7 +87,7 @@ def test_first_repro_runs_every_stage_in_order(project: Project) -> None:
     assert not _skipped(out)
 
 
-def test_outputs_exist(project: Project) -> None:
+def test_outputs_exist(project: DvcProject) -> None:
     root = project.root
     raw = sorted(p.name for p in (root / "data/raw/digits").glob("*.gz"))
     assert raw == sorted(
@@ -229,10 +118,10 @@ def test_outputs_exist(project: Project) -> None:
     assert set(lock["stages"]) == set(STAGES)
 
 
-def test_report_is_complete_and_self_contained(project: Project) -> None:
+def test_report_is_complete_and_self_contained(project: DvcProject) -> None:
     page = (project.root / "reports/report.html").read_text(encoding="utf-8")
     headings = re.findall(r"<h2>([^<]*)</h2>", page)
-    for section in SECTIONS:
+    for section in REPORT_SECTIONS:
         assert any(h.startswith(section) for h in headings), (section, headings)
     run_id = json.loads((project.root / "runs/train.json").read_text("utf-8"))["run_id"]
     assert run_id in page
@@ -256,7 +145,7 @@ def test_second_repro_has_nothing_to_do(second_repro: str) -> None:
 
 
 def test_editing_the_image_grids_stales_only_the_stages_that_draw_them(
-    project: Project, second_repro: str
+    project: DvcProject, second_repro: str
 ) -> None:
     """pipeline/core/grids.py draws the sample grid (preprocess) and the misclassified gallery
     (report): an edit to it makes those two stale, never the training stages."""
@@ -273,7 +162,7 @@ def test_editing_the_image_grids_stales_only_the_stages_that_draw_them(
     assert json.loads(project.dvc("status", "--json").stdout) == {}  # back as it was
 
 
-def test_metrics_show(project: Project) -> None:
+def test_metrics_show(project: DvcProject) -> None:
     shown = json.loads(project.dvc("metrics", "show", "--json").stdout)
     metrics = shown[""]["data"]
     train = metrics["metrics/train.json"]["data"]
@@ -283,7 +172,7 @@ def test_metrics_show(project: Project) -> None:
     assert set(crossval["fold_accuracy"]) == {"fold1", "fold2"}
 
 
-def test_plots_show(project: Project, tmp_path: Path) -> None:
+def test_plots_show(project: DvcProject, tmp_path: Path) -> None:
     out = tmp_path / "dvc_plots"
     project.dvc("plots", "show", "-o", str(out))
     index = (out / "index.html").read_text(encoding="utf-8")
@@ -293,7 +182,7 @@ def test_plots_show(project: Project, tmp_path: Path) -> None:
         assert image in index
 
 
-def test_git_ignores_every_output(project: Project, second_repro: str) -> None:
+def test_git_ignores_every_output(project: DvcProject, second_repro: str) -> None:
     """Outputs, the MLflow store (and its lock), Hydra run folders and DVC's cache never show up
     as untracked files: only dvc.lock, which is meant to be committed."""
     status = project.git("status", "--porcelain", "--untracked-files=all").stdout.splitlines()
@@ -305,8 +194,8 @@ def test_git_ignores_every_output(project: Project, second_repro: str) -> None:
     assert "!! outputs/" in ignored  # the stages' Hydra run folders
 
 
-def test_mlflow_runs_of_the_stages_all_finished(project: Project, second_repro: str) -> None:
-    runs = _mlflow_runs(project)
+def test_mlflow_runs_of_the_stages_all_finished(project: DvcProject, second_repro: str) -> None:
+    runs = project.mlflow_runs()
     stages = [r.data.tags.get("stage") for r in runs]
     assert stages.count("train") >= 1
     assert stages.count("crossval") >= 1
@@ -322,7 +211,7 @@ def test_epochs_change_reruns_only_what_depends_on_it(epochs_changed: str) -> No
     assert _skipped(epochs_changed) == {"fetch", "preprocess"}
 
 
-def test_epochs_change_reaches_the_training(project: Project, epochs_changed: str) -> None:
+def test_epochs_change_reaches_the_training(project: DvcProject, epochs_changed: str) -> None:
     used = json.loads((project.root / "runs/train.json").read_text("utf-8"))["config"]
     assert used["epochs"] == 2
     history = (project.root / "plots/train/history.csv").read_text("utf-8").splitlines()
@@ -330,7 +219,7 @@ def test_epochs_change_reaches_the_training(project: Project, epochs_changed: st
 
 
 def test_exp_run_set_param_reaches_training_through_hydra(
-    project: Project, experiment: str
+    project: DvcProject, experiment: str
 ) -> None:
     assert "Ran experiment(s)" in experiment
     assert _ran(experiment) == {"train", "crossval", "report"}
@@ -341,7 +230,7 @@ def test_exp_run_set_param_reaches_training_through_hydra(
     # the stage read it through Hydra and trained with it
     used = json.loads((project.root / "runs/train.json").read_text("utf-8"))["config"]
     assert used["epochs"] == 3
-    newest_train = next(r for r in _mlflow_runs(project) if r.data.tags.get("stage") == "train")
+    newest_train = next(r for r in project.mlflow_runs() if r.data.tags.get("stage") == "train")
     assert newest_train.data.params["epochs"] == "3"
     assert newest_train.info.status == "FINISHED"
     assert (
@@ -352,8 +241,10 @@ def test_exp_run_set_param_reaches_training_through_hydra(
     assert project.dvc("exp", "list", "--name-only").stdout.split()
 
 
-def test_all_mlflow_runs_finished_after_the_experiment(project: Project, experiment: str) -> None:
-    runs = _mlflow_runs(project)
+def test_all_mlflow_runs_finished_after_the_experiment(
+    project: DvcProject, experiment: str
+) -> None:
+    runs = project.mlflow_runs()
     trains = [r for r in runs if r.data.tags.get("stage") == "train"]
     assert [r.data.params["epochs"] for r in trains] == ["3", "2", "1"]
     assert {r.info.status for r in runs} == {"FINISHED"}

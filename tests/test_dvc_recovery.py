@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from run_helpers import temp_files
-from test_dvc_pipeline import STAGES, Project, _copy_project, _environment, _mlflow_runs
+from run_helpers import STAGES, DvcProject, dvc_project, temp_files
 
 pytestmark = pytest.mark.slow
 
@@ -75,11 +74,8 @@ def sig(request: pytest.FixtureRequest) -> signal.Signals:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, sig: signal.Signals) -> Project:
-    root = tmp_path_factory.mktemp(f"dvc-recovery-{sig.name}")
-    _copy_project(root)
-    proj = Project(root=root, env=_environment(), first_repro="")
-    proj.use_fast_preset()
+def project(tmp_path_factory: pytest.TempPathFactory, sig: signal.Signals) -> DvcProject:
+    proj = dvc_project(tmp_path_factory.mktemp(f"dvc-recovery-{sig.name}"))
     proj.set_conf(r"^epochs: \d+$", f"epochs: {INTERRUPTED_EPOCHS}", "debug/fast.yaml")
     proj.python("-m", "pipeline.params")
     proj.git("init", "-q")
@@ -88,7 +84,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, sig: signal.Signals) -> Pr
     return proj
 
 
-def _interrupt_repro(proj: Project, sig: signal.Signals) -> tuple[int, str, str]:
+def _interrupt_repro(proj: DvcProject, sig: signal.Signals) -> tuple[int, str, str]:
     """Start `dvc repro`, signal its process group once train's run is RUNNING; return dvc's
     exit code, its output and the interrupted run's id."""
     log = proj.root.parent / f"repro-{sig.name}.log"
@@ -131,12 +127,12 @@ def _interrupt_repro(proj: Project, sig: signal.Signals) -> tuple[int, str, str]
 
 
 @pytest.fixture(scope="module")
-def interrupted(project: Project, sig: signal.Signals) -> tuple[int, str, str]:
+def interrupted(project: DvcProject, sig: signal.Signals) -> tuple[int, str, str]:
     return _interrupt_repro(project, sig)
 
 
 @pytest.fixture(scope="module")
-def recovered(project: Project, interrupted: tuple[int, str, str]) -> str:
+def recovered(project: DvcProject, interrupted: tuple[int, str, str]) -> str:
     """Back to 1 epoch (fast), committed, then a normal `dvc repro` to completion."""
     project.set_conf(r"^epochs: \d+$", "epochs: 1", "debug/fast.yaml")
     project.python("-m", "pipeline.params")
@@ -146,7 +142,7 @@ def recovered(project: Project, interrupted: tuple[int, str, str]) -> str:
 
 
 def test_interrupt_stops_dvc_repro_and_keeps_nothing_partial(
-    project: Project, sig: signal.Signals, interrupted: tuple[int, str, str]
+    project: DvcProject, sig: signal.Signals, interrupted: tuple[int, str, str]
 ) -> None:
     code, out, run_id = interrupted
     # the stage handled the interrupt itself: its one line, no traceback
@@ -169,13 +165,13 @@ def test_interrupt_stops_dvc_repro_and_keeps_nothing_partial(
     assert _temp_files(root) == []
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
     assert set(lock["stages"]) == {"fetch", "preprocess"}  # train recorded nothing
-    runs = {r.info.run_id: r for r in _mlflow_runs(project)}
+    runs = {r.info.run_id: r for r in project.mlflow_runs()}
     assert runs[run_id].info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in runs.values()}
 
 
 def test_next_repro_reruns_only_the_interrupted_stages(
-    project: Project, interrupted: tuple[int, str, str], recovered: str
+    project: DvcProject, interrupted: tuple[int, str, str], recovered: str
 ) -> None:
     assert _ran(recovered) == {"train", "crossval", "report"}, recovered
     assert "Stage 'fetch' didn't change, skipping" in recovered
@@ -193,7 +189,7 @@ def test_next_repro_reruns_only_the_interrupted_stages(
         assert (root / name).is_file() and (root / name).stat().st_size > 0, name
     assert _temp_files(root) == []
     assert "up to date" in project.dvc("status").stdout
-    runs = _mlflow_runs(project)
+    runs = project.mlflow_runs()
     statuses = {r.info.run_id: r.info.status for r in runs}
     assert statuses[interrupted[2]] == "KILLED"  # the interrupted run is not overwritten
     assert "RUNNING" not in statuses.values()

@@ -23,13 +23,12 @@ from typing import Any, get_type_hints
 import pytest
 import yaml
 from omegaconf import OmegaConf
+from run_helpers import CONF_DIR, PROJECT_ROOT, compose
 
 import pipeline.params
 from pipeline.infra.config import Config, validate
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
-PARAMS = ROOT / "params.yaml"
+PARAMS = PROJECT_ROOT / "params.yaml"
 # Shared plumbing every stage imports (config schema, paths, errors, atomic writes, the entry
 # wrapper): not listed as deps, or any edit to it would re-run the whole pipeline.
 INFRASTRUCTURE = {
@@ -40,14 +39,6 @@ INFRASTRUCTURE = {
     "infra.paths",
     "infra.stage",
 }
-
-
-def _compose(config_dir: Path, config_name: str, *overrides: str) -> Any:
-    """Compose with Hydra's compose API, the way a stage's @hydra.main does (version_base 1.3)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def _validated(cfg: Any) -> dict:
@@ -77,7 +68,7 @@ def _get(data: dict, dotted: str) -> Any:
 
 def test_check_passes_on_the_repository(capsys: pytest.CaptureFixture[str]) -> None:
     """conf/ and the committed params.yaml agree. If this fails: `python -m pipeline.params`."""
-    assert pipeline.params.CONF_DIR == CONF
+    assert pipeline.params.CONF_DIR == CONF_DIR
     assert pipeline.params.PARAMS_FILE == PARAMS
     assert pipeline.params.main(["--check"]) == 0, capsys.readouterr().err
     assert "params.yaml matches conf/" in capsys.readouterr().out
@@ -85,14 +76,14 @@ def test_check_passes_on_the_repository(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_params_yaml_is_exactly_conf_composed_by_hydra() -> None:
     """Hydra's compose API on conf/ gives params.yaml's content, key for key and type for type."""
-    composed = OmegaConf.to_container(_compose(CONF, "config"), resolve=True)
+    composed = OmegaConf.to_container(compose(), resolve=True)
     assert composed == yaml.safe_load(PARAMS.read_text(encoding="utf-8"))
 
 
 def test_validated_conf_equals_params_yaml_on_every_schema_key() -> None:
     """conf/ composed and validated is params.yaml: params.yaml holds only schema sections,
     every schema key it sets has the validated value, and validating either gives the same."""
-    from_conf = _validated(_compose(CONF, "config"))
+    from_conf = _validated(compose())
     params = yaml.safe_load(PARAMS.read_text(encoding="utf-8"))
     schema = OmegaConf.to_container(OmegaConf.structured(Config))
     assert isinstance(schema, dict)
@@ -154,13 +145,13 @@ def test_schema_defaults_equal_conf_defaults() -> None:
     """The dataclass defaults of pipeline/infra/config.py are conf/ composed with its default
     choices, key by key: two sets of defaults that cannot drift apart. conf/ is the source of
     truth; on a failure, fix the schema's default."""
-    composed = OmegaConf.to_container(_compose(CONF, "config"), resolve=True)
+    composed = OmegaConf.to_container(compose(), resolve=True)
     found = _default_drift(_schema_defaults(), composed)  # type: ignore[arg-type]
     assert not found, "\n".join(found)
 
 
 def test_every_dataset_sets_its_own_data() -> None:
-    for option in sorted((CONF / "dataset").glob("*.yaml")):
+    for option in sorted((CONF_DIR / "dataset").glob("*.yaml")):
         dataset = yaml.safe_load(option.read_text(encoding="utf-8"))
         assert dataset["name"] == option.stem
         assert {f"dataset.{k}" for k in dataset} >= DATASET_OWN, option.name
@@ -181,7 +172,7 @@ def test_a_drifted_default_is_found(where: str, key: str, value: Any, expected: 
     new finding besides those the repository may have (test_schema_defaults_equal_conf_defaults
     requires none)."""
     defaults = _schema_defaults()
-    composed = OmegaConf.to_container(_compose(CONF, "config"), resolve=True)
+    composed = OmegaConf.to_container(compose(), resolve=True)
     assert isinstance(composed, dict)
     before = _default_drift(defaults, composed)
     section = defaults if where == "schema" else composed
@@ -200,7 +191,8 @@ def _config_choices() -> list[tuple[str, str]]:
     """(group, option) for every config file in a group folder of conf/, e.g. (model, cnn),
     (hydra/launcher, ray_cluster)."""
     return sorted(
-        (path.parent.relative_to(CONF).as_posix(), path.stem) for path in CONF.glob("*/**/*.yaml")
+        (path.parent.relative_to(CONF_DIR).as_posix(), path.stem)
+        for path in CONF_DIR.glob("*/**/*.yaml")
     )
 
 
@@ -215,11 +207,9 @@ def test_the_config_groups_are_all_seen() -> None:
 def test_every_config_choice_composes_and_validates(group: str, option: str) -> None:
     """Each option of each group composes with the rest of conf/ (the Ray launcher and the Optuna
     sweeper through their installed plugins) and its settings pass the schema."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"{group}={option}"], return_hydra_config=True)
+    cfg = compose(f"{group}={option}", return_hydra_config=True)
     assert cfg.hydra.runtime.choices[group] == option
     with open_dict(cfg):
         del cfg["hydra"]
@@ -227,19 +217,19 @@ def test_every_config_choice_composes_and_validates(group: str, option: str) -> 
 
 
 def test_the_debug_preset_is_a_small_offline_run() -> None:
-    fast = validate(_compose(CONF, "config", "debug=fast"))
+    fast = validate(compose("debug=fast"))
     assert fast.dataset.name == "digits"
     assert (fast.epochs, fast.folds, fast.threads) == (1, 2, 1)
-    assert fast.width < validate(_compose(CONF, "config")).width
+    assert fast.width < validate(compose()).width
     # keys given on the command line still win over the preset
-    assert validate(_compose(CONF, "config", "debug=fast", "epochs=3")).epochs == 3
+    assert validate(compose("debug=fast", "epochs=3")).epochs == 3
 
 
 def test_stages_read_params_yaml_through_hydra_as_conf() -> None:
     """A stage runs `--config-dir . --config-name params`: composing params.yaml that way gives
     the same settings as conf/ itself."""
-    through_params = _validated(_compose(ROOT, "params"))
-    assert through_params == _validated(_compose(CONF, "config"))
+    through_params = _validated(compose(config_dir=PROJECT_ROOT, config_name="params"))
+    assert through_params == _validated(compose())
 
 
 def _pipeline_imports(module: Path) -> set[str]:
@@ -254,7 +244,7 @@ def _pipeline_imports(module: Path) -> set[str]:
 
 
 def _module_path(module: str) -> Path:
-    return ROOT / "pipeline" / f"{module.replace('.', '/')}.py"
+    return PROJECT_ROOT / "pipeline" / f"{module.replace('.', '/')}.py"
 
 
 def _code_deps(module: str) -> set[str]:
@@ -266,7 +256,7 @@ def _code_deps(module: str) -> set[str]:
             continue
         seen.add(current)
         todo.extend(m for m in _pipeline_imports(_module_path(current)) if _module_path(m).exists())
-    return {_module_path(m).relative_to(ROOT).as_posix() for m in seen}
+    return {_module_path(m).relative_to(PROJECT_ROOT).as_posix() for m in seen}
 
 
 def _deps_mismatches(stages: dict) -> list[str]:
@@ -283,7 +273,7 @@ def _deps_mismatches(stages: dict) -> list[str]:
 
 
 def _stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    return yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 
 
 def test_every_stage_depends_on_the_code_it_runs() -> None:
@@ -317,22 +307,22 @@ def test_dvc_exp_run_composes_the_same_params_yaml(tmp_path: Path) -> None:
     from dvc.config import Config as DvcConfig
     from dvc.utils.hydra import compose_and_dump
 
-    hydra = DvcConfig(dvc_dir=str(ROOT / ".dvc"))["hydra"]
+    hydra = DvcConfig(dvc_dir=str(PROJECT_ROOT / ".dvc"))["hydra"]
     assert hydra["enabled"] is True
     assert hydra.get("config_module") is None
-    config_dir = ROOT / hydra.get("config_dir", "conf")
+    config_dir = PROJECT_ROOT / hydra.get("config_dir", "conf")
     config_name = hydra.get("config_name", "config")
-    assert (config_dir, config_name) == (CONF, "config")
+    assert (config_dir, config_name) == (CONF_DIR, "config")
 
     out = tmp_path / "params.yaml"
-    compose_and_dump(out, str(config_dir), None, config_name, str(ROOT), [])
+    compose_and_dump(out, str(config_dir), None, config_name, str(PROJECT_ROOT), [])
     assert out.read_text(encoding="utf-8") == PARAMS.read_text(encoding="utf-8")
     assert pipeline.params.compose_params() == out.read_text(encoding="utf-8")
 
     # a group choice such as the test-size preset composes there as it does for the stages
-    compose_and_dump(out, str(config_dir), None, config_name, str(ROOT), ["debug=fast"])
+    compose_and_dump(out, str(config_dir), None, config_name, str(PROJECT_ROOT), ["debug=fast"])
     fast = yaml.safe_load(out.read_text(encoding="utf-8"))
-    assert _validated(OmegaConf.create(fast)) == _validated(_compose(CONF, "config", "debug=fast"))
+    assert _validated(OmegaConf.create(fast)) == _validated(compose("debug=fast"))
 
 
 # --------------------------------------------------------------------------- a temporary copy
@@ -342,7 +332,7 @@ def test_dvc_exp_run_composes_the_same_params_yaml(tmp_path: Path) -> None:
 def conf_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of conf/ and params.yaml that pipeline.params reads and writes instead."""
     root = tmp_path / "project"
-    shutil.copytree(CONF, root / "conf")
+    shutil.copytree(CONF_DIR, root / "conf")
     shutil.copy2(PARAMS, root / "params.yaml")
     monkeypatch.setattr(pipeline.params, "CONF_DIR", root / "conf")
     monkeypatch.setattr(pipeline.params, "PARAMS_FILE", root / "params.yaml")
@@ -415,7 +405,7 @@ def test_overrides_are_written(conf_copy: Path) -> None:
     params = _params(conf_copy)
     assert params["epochs"] == 2
     # the whole digits group replaces the default dataset, not just its name
-    expected_dataset = yaml.safe_load((CONF / "dataset" / "digits.yaml").read_text("utf-8"))
+    expected_dataset = yaml.safe_load((CONF_DIR / "dataset" / "digits.yaml").read_text("utf-8"))
     assert params["dataset"] == expected_dataset
     assert params["dataset"]["name"] == "digits"
     # everything else is untouched conf/

@@ -9,147 +9,44 @@ runs as a subprocess.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
 import subprocess
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import compose, isolated_mlflow, new_store, prepared_digits, run_module
+from run_helpers import STYLES, TrainedDigits, parse_json, render, run_predict
 
 from pipeline import predict
 from pipeline.core.images import digit_box, prepare_image
-from pipeline.infra.files import read_json
 from pipeline.infra.model_loading import Model, load_model
 
-# 30 epochs reach ~0.96 test accuracy on digits (width 64); 60 reach ~0.98, and the rendered test
-# digits below are then recognised ~95% of the time (measured per style: 0.91-0.96 over all 450).
-EPOCHS = 60
-WIDTH = 64
+# conftest's `trained_digits` (60 epochs, width 64) recognises the rendered test digits ~95% of
+# the time (measured per style: 0.91-0.96 over all 450).
 SAMPLES = 20  # test digits rendered per style
 MIN_CORRECT = 16  # of SAMPLES: 80%, well under the ~95% measured, far above chance (10%)
-
-_cache: dict[str, TrainedDigits] = {}
 
 
 # --------------------------------------------------------------------------- the trained model
 
 
-@dataclass(frozen=True)
-class TrainedDigits:
-    root: Path
-    model: Path  # the .keras file the train stage saved
-    run_id: str
-    tracking_uri: str
-    test_images: np.ndarray  # (N, 8, 8) float32 in [0, 1]
-    test_labels: np.ndarray  # (N,)
-    test_accuracy: float
-
-    @property
-    def run_model_uri(self) -> str:
-        return f"runs:/{self.run_id}/model"
-
-
-def trained_digits(factory: pytest.TempPathFactory) -> TrainedDigits:
-    """Train once per session on the digits dataset, exactly as the pipeline does: the prepared
-    digits, a config composed from conf/ and validated, train() into its own sqlite store.
-    (Shared with test_serving.py through this module's cache.)"""
-    if "trained" in _cache:
-        return _cache["trained"]
-    from pipeline.core.data import load_split
-    from pipeline.train import train
-
-    root = factory.mktemp("predict")
-    prepared = prepared_digits(factory)
-    uri = new_store(factory, root)
-    cfg = compose("dataset=digits", f"epochs={EPOCHS}", f"width={WIDTH}", f"tracking.uri={uri}")
-    # train() makes `uri` MLflow's global store; isolated_mlflow puts the previous one back, so
-    # it does not leak into later tests (or their subprocesses, through MLFLOW_TRACKING_URI).
-    with isolated_mlflow(root, uri):
-        metrics = train(cfg, prepared, out_root=root)
-    test = load_split(prepared / "test.npz")
-    _cache["trained"] = TrainedDigits(
-        root=root,
-        model=root / "models" / "model.keras",
-        run_id=read_json(root / "runs" / "train.json")["run_id"],
-        tracking_uri=uri,
-        test_images=test.images,
-        test_labels=test.labels,
-        test_accuracy=metrics["test_accuracy"],
-    )
-    return _cache["trained"]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedDigits:
-    return trained_digits(tmp_path_factory)
+def model(trained_digits: TrainedDigits) -> Model:
+    return load_model(trained_digits.model)
 
 
-@pytest.fixture(scope="module")
-def model(trained: TrainedDigits) -> Model:
-    return load_model(trained.model)
-
-
-def test_trained_model_recognises_the_test_set(trained: TrainedDigits, model: Model):
+def test_trained_model_recognises_the_test_set(trained_digits: TrainedDigits, model: Model):
     # The bar for the rendered images below only means something if the model is this good.
-    assert trained.test_accuracy > 0.93
+    assert trained_digits.test_accuracy > 0.93
     assert model.input_size == 64 and model.side == 8
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def _grey(digit: np.ndarray, size: int, resample: int = Image.Resampling.NEAREST) -> Image.Image:
-    """An 8x8 digit in [0, 1] (light on dark) as a size x size grey image, light on dark."""
-    image = Image.fromarray(np.round(digit * 255).astype(np.uint8), mode="L")
-    return image.resize((size, size), resample)
-
-
-def _inverted(image: Image.Image) -> Image.Image:
-    return Image.fromarray(255 - np.asarray(image))
-
-
-def render(digit: np.ndarray, style: str, path: Path, index: int = 0) -> Path:
-    """Save an 8x8 test digit as an ordinary image file in one of the STYLES; returns the path."""
-    if style == "dark-on-light.png":
-        _inverted(_grey(digit, 80)).save(path)
-    elif style == "light-on-dark.png":
-        _grey(digit, 80).save(path)
-    elif style == "colour.jpg":  # dark blue ink on cream paper, smooth edges, lossy
-        ink = np.asarray(_grey(digit, 96, Image.Resampling.BICUBIC), dtype=np.float32)[..., None]
-        ink = ink / 255
-        paper, pen = np.array([250, 244, 228]), np.array([25, 35, 140])
-        rgb = np.round(paper * (1 - ink) + pen * ink).astype(np.uint8)
-        Image.fromarray(rgb, mode="RGB").save(path, quality=85)
-    elif style == "transparent.png":  # black ink, the digit in the alpha channel
-        rgba = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
-        rgba.putalpha(_grey(digit, 80))
-        rgba.save(path)
-    elif style == "off-centre.png":  # a large page, grey paper, the digit somewhere off-centre
-        ink = np.asarray(_grey(digit, 80), dtype=np.float32) / 255
-        page = np.full((180, 260), 225, dtype=np.float32)
-        top, left = 10 + (index * 37) % 80, 15 + (index * 53) % 150
-        page[top : top + 80, left : left + 80] = 225 - 190 * ink
-        Image.fromarray(np.round(page).astype(np.uint8), mode="L").save(path)
-    else:
-        raise ValueError(style)
-    return path
-
-
-STYLES = (
-    "dark-on-light.png",
-    "light-on-dark.png",
-    "colour.jpg",
-    "transparent.png",
-    "off-centre.png",
-)
 
 
 def render_samples(trained: TrainedDigits, folder: Path, style: str, count: int) -> list[Path]:
@@ -160,10 +57,10 @@ def render_samples(trained: TrainedDigits, folder: Path, style: str, count: int)
     ]
 
 
-def test_rendering_keeps_the_digit(trained: TrainedDigits, tmp_path: Path):
+def test_rendering_keeps_the_digit(trained_digits: TrainedDigits, tmp_path: Path):
     """The rendered files really are the test digits, in the intended form (so the recognition
     test below tests the preprocessing, not the renderer)."""
-    digit = trained.test_images[0]
+    digit = trained_digits.test_images[0]
     for style in STYLES:
         with Image.open(render(digit, style, tmp_path / f"x-{style}")) as image:
             assert image.mode == {
@@ -179,22 +76,24 @@ def test_rendering_keeps_the_digit(trained: TrainedDigits, tmp_path: Path):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_rendered_test_digits_are_recognised(
-    style: str, trained: TrainedDigits, model: Model, tmp_path: Path
+    style: str, trained_digits: TrainedDigits, model: Model, tmp_path: Path
 ):
-    files = render_samples(trained, tmp_path, style, SAMPLES)
+    files = render_samples(trained_digits, tmp_path, style, SAMPLES)
     pixels = np.stack([prepare_image(path, model.side) for path in files])
     assert pixels.shape == (SAMPLES, 64)
     assert pixels.dtype == np.float32 and pixels.min() >= 0 and pixels.max() == 1
     found = [p.digit for p in predict.classify(model, pixels, [str(f) for f in files])]
-    truth = trained.test_labels[:SAMPLES].tolist()
+    truth = trained_digits.test_labels[:SAMPLES].tolist()
     correct = sum(f == t for f, t in zip(found, truth, strict=True))
     assert correct >= MIN_CORRECT, f"{style}: {correct}/{SAMPLES} right: {found} vs {truth}"
 
 
-def test_same_digit_in_any_form_gives_nearly_the_same_input(trained: TrainedDigits, tmp_path):
+def test_same_digit_in_any_form_gives_nearly_the_same_input(
+    trained_digits: TrainedDigits, tmp_path
+):
     """Inverted, transparent and padded-off-centre versions of one digit are all normalised to
     the light-on-dark one (the JPEG is smooth and lossy: close, not equal)."""
-    digit = trained.test_images[3]
+    digit = trained_digits.test_images[3]
     inputs = {
         style: prepare_image(render(digit, style, tmp_path / f"d-{style}", 3), 8)
         for style in STYLES
@@ -230,35 +129,36 @@ def test_digit_box_follows_each_datasets_convention():
 # --------------------------------------------------------------------------- the CLI
 
 
-def run_predict(*args: str, cwd: Path, env: dict[str, str] | None = None):
-    """`python -m pipeline.predict ARGS` in `cwd`; env: cli_env(), without MLFLOW_TRACKING_URI."""
-    return run_module("pipeline.predict", *args, cwd=cwd, env=env)
-
-
 @pytest.fixture(scope="module")
-def sample_folder(trained: TrainedDigits, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sample_folder(trained_digits: TrainedDigits, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Ten test digits, two per style, plus a file the folder scan must skip."""
     folder = tmp_path_factory.mktemp("samples")
     for i in range(10):
-        render(trained.test_images[i], STYLES[i % len(STYLES)], folder / f"{i}-{STYLES[i % 5]}", i)
+        render(
+            trained_digits.test_images[i],
+            STYLES[i % len(STYLES)],
+            folder / f"{i}-{STYLES[i % 5]}",
+            i,
+        )
     (folder / "notes.txt").write_text("not an image, and not picked up from a folder\n")
     return folder
 
 
-def parse_json(result: subprocess.CompletedProcess[str]) -> list[dict]:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 @pytest.fixture(scope="module")
-def keras_json(trained: TrainedDigits, sample_folder: Path) -> list[dict]:
+def keras_json(trained_digits: TrainedDigits, sample_folder: Path) -> list[dict]:
     """The CLI's --json answer for the sample folder with the saved .keras model."""
     return parse_json(
-        run_predict(str(sample_folder), "--model", str(trained.model), "--json", cwd=trained.root)
+        run_predict(
+            str(sample_folder),
+            "--model",
+            str(trained_digits.model),
+            "--json",
+            cwd=trained_digits.root,
+        )
     )
 
 
-def test_json_lists_every_image_of_a_folder(keras_json: list[dict], trained, sample_folder):
+def test_json_lists_every_image_of_a_folder(keras_json: list[dict], trained_digits, sample_folder):
     expected_files = sorted(str(p) for p in sample_folder.iterdir() if p.suffix != ".txt")
     assert [entry["file"] for entry in keras_json] == expected_files
     for entry in keras_json:
@@ -267,15 +167,15 @@ def test_json_lists_every_image_of_a_folder(keras_json: list[dict], trained, sam
         assert len(probabilities) == 10 and sum(probabilities) == pytest.approx(1, abs=1e-4)
         assert entry["digit"] == int(np.argmax(probabilities))
         assert entry["probability"] == pytest.approx(max(probabilities), abs=1e-6)
-    labels = {f"{i}-{STYLES[i % 5]}": int(trained.test_labels[i]) for i in range(10)}
+    labels = {f"{i}-{STYLES[i % 5]}": int(trained_digits.test_labels[i]) for i in range(10)}
     correct = sum(entry["digit"] == labels[Path(entry["file"]).name] for entry in keras_json)
     assert correct >= 8, keras_json
 
 
-def test_default_model_and_one_line_per_file(trained: TrainedDigits, sample_folder: Path):
+def test_default_model_and_one_line_per_file(trained_digits: TrainedDigits, sample_folder: Path):
     """Run in the trained project (models/model.keras is the default): `<path>: <digit> (p=..)`."""
     files = sorted(p for p in sample_folder.iterdir() if p.suffix != ".txt")[:3]
-    result = run_predict(*(str(f) for f in files), cwd=trained.root)
+    result = run_predict(*(str(f) for f in files), cwd=trained_digits.root)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 3
@@ -285,13 +185,18 @@ def test_default_model_and_one_line_per_file(trained: TrainedDigits, sample_fold
 
 
 def test_runs_uri_gives_the_same_predictions_as_the_keras_file(
-    trained: TrainedDigits, sample_folder: Path, keras_json: list[dict], tmp_path: Path
+    trained_digits: TrainedDigits, sample_folder: Path, keras_json: list[dict], tmp_path: Path
 ):
     """--model runs:/<id>/model, the store taken from MLFLOW_TRACKING_URI (any working dir)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained_digits.tracking_uri}
     via_mlflow = parse_json(
         run_predict(
-            str(sample_folder), "--model", trained.run_model_uri, "--json", cwd=tmp_path, env=env
+            str(sample_folder),
+            "--model",
+            trained_digits.run_model_uri,
+            "--json",
+            cwd=tmp_path,
+            env=env,
         )
     )
     assert [e["file"] for e in via_mlflow] == [e["file"] for e in keras_json]
@@ -303,14 +208,14 @@ def test_runs_uri_gives_the_same_predictions_as_the_keras_file(
     )
 
 
-def test_runs_uri_in_process_with_tracking_uri(trained: TrainedDigits, model: Model):
+def test_runs_uri_in_process_with_tracking_uri(trained_digits: TrainedDigits, model: Model):
     """load_model(runs:/..., tracking_uri) == the .keras file, and MLflow's global store and
     MLFLOW_TRACKING_URI are left as they were."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    loaded = load_model(trained.run_model_uri, trained.tracking_uri)
+    loaded = load_model(trained_digits.run_model_uri, trained_digits.tracking_uri)
     assert os.environ.get("MLFLOW_TRACKING_URI") == before
     assert loaded.input_size == 64
-    x = trained.test_images[:50].reshape(50, -1)
+    x = trained_digits.test_images[:50].reshape(50, -1)
     np.testing.assert_allclose(loaded.predict(x), model.predict(x), atol=1e-6)
 
 
@@ -395,47 +300,49 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_fails_with_one_line_naming_the_file(
-    case: str, trained: TrainedDigits, tmp_path: Path
+    case: str, trained_digits: TrainedDigits, tmp_path: Path
 ):
     name, make, problem = BAD_INPUTS[case]
     bad = make(tmp_path / name)
-    good = render(trained.test_images[0], "dark-on-light.png", tmp_path / "good.png")
-    result = run_predict(str(good), str(bad), "--model", str(trained.model), cwd=tmp_path)
+    good = render(trained_digits.test_images[0], "dark-on-light.png", tmp_path / "good.png")
+    result = run_predict(str(good), str(bad), "--model", str(trained_digits.model), cwd=tmp_path)
     line = assert_one_line_error(result, f"error: {bad}: ", problem)
     assert str(good) not in line
 
 
-def test_missing_file_and_imageless_folder(trained: TrainedDigits, tmp_path: Path):
-    result = run_predict(str(tmp_path / "nope.png"), "--model", str(trained.model), cwd=tmp_path)
+def test_missing_file_and_imageless_folder(trained_digits: TrainedDigits, tmp_path: Path):
+    result = run_predict(
+        str(tmp_path / "nope.png"), "--model", str(trained_digits.model), cwd=tmp_path
+    )
     assert_one_line_error(result, "nope.png: no such file or folder")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "readme.txt").write_text("hi")
-    result = run_predict(str(tmp_path / "docs"), "--model", str(trained.model), cwd=tmp_path)
+    result = run_predict(str(tmp_path / "docs"), "--model", str(trained_digits.model), cwd=tmp_path)
     assert_one_line_error(result, "docs: folder holds no image files")
 
 
-def test_missing_model_says_how_to_train_one(trained: TrainedDigits, tmp_path: Path):
-    good = render(trained.test_images[0], "dark-on-light.png", tmp_path / "good.png")
+def test_missing_model_says_how_to_train_one(trained_digits: TrainedDigits, tmp_path: Path):
+    good = render(trained_digits.test_images[0], "dark-on-light.png", tmp_path / "good.png")
     result = run_predict(str(good), cwd=tmp_path)  # no models/model.keras here
     assert_one_line_error(result, "models/model.keras not found", "dvc repro", "pipeline.train")
 
 
-def test_unusable_model_file(trained: TrainedDigits, tmp_path: Path):
-    good = render(trained.test_images[0], "dark-on-light.png", tmp_path / "good.png")
+def test_unusable_model_file(trained_digits: TrainedDigits, tmp_path: Path):
+    good = render(trained_digits.test_images[0], "dark-on-light.png", tmp_path / "good.png")
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"this is not a zip archive")
     result = run_predict(str(good), "--model", str(broken), cwd=tmp_path)
     assert_one_line_error(result, f"cannot load model {broken}")
 
 
-def test_missing_store_and_unknown_run(trained: TrainedDigits, tmp_path: Path):
-    good = render(trained.test_images[0], "dark-on-light.png", tmp_path / "good.png")
+def test_missing_store_and_unknown_run(trained_digits: TrainedDigits, tmp_path: Path):
+    good = render(trained_digits.test_images[0], "dark-on-light.png", tmp_path / "good.png")
     # No mlflow.db in the working directory: say so instead of creating an empty store.
-    result = run_predict(str(good), "--model", trained.run_model_uri, cwd=tmp_path)
+    result = run_predict(str(good), "--model", trained_digits.run_model_uri, cwd=tmp_path)
     assert_one_line_error(result, f"sqlite:///{tmp_path / 'mlflow.db'} does not exist")
     assert not (tmp_path / "mlflow.db").exists()
     unknown = "runs:/0123456789abcdef0123456789abcdef/model"
     result = run_predict(
-        str(good), "--model", unknown, "--tracking-uri", trained.tracking_uri, cwd=tmp_path
+        str(good), "--model", unknown, "--tracking-uri", trained_digits.tracking_uri, cwd=tmp_path
     )
     assert_one_line_error(result, f"cannot load model {unknown}", "not found")

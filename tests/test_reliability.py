@@ -34,8 +34,10 @@ import numpy as np
 import pytest
 from run_helpers import (
     EXPERIMENT,
+    PROJECT_ROOT,
     cli_env,
     client,
+    compose,
     free_port,
     isolated_mlflow,
     names_key,
@@ -44,15 +46,15 @@ from run_helpers import (
     project_copy,
     run_module,
     runs,
+    settings,
     temp_files,
 )
-from run_helpers import compose as settings
 
 from pipeline.infra.config import DatasetConfig, validate
 from pipeline.infra.download import fetch_file, source_url
 from pipeline.infra.errors import ConfigError, DataError, TrackingError
 
-PIPELINE_DIR = Path(__file__).resolve().parent.parent / "pipeline"
+PIPELINE_DIR = PROJECT_ROOT / "pipeline"
 NAME = DatasetConfig().train.images  # the first file `fetch` asks for
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 SHA = "0" * 64
@@ -139,9 +141,7 @@ def test_disk_full_during_fetch_lists_the_location_and_keeps_nothing(
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
-def test_disk_full_in_a_stage_exits_with_one_line_and_keeps_nothing(
-    code, compose, tmp_path, monkeypatch
-):
+def test_disk_full_in_a_stage_exits_with_one_line_and_keeps_nothing(code, tmp_path, monkeypatch):
     from pipeline.infra.files import write_json
     from pipeline.infra.stage import run_stage
 
@@ -169,7 +169,7 @@ def test_disk_full_in_a_stage_exits_with_one_line_and_keeps_nothing(
     assert temp_files(tmp_path) == []
 
 
-def test_ctrl_c_that_tensorflow_reraised_still_exits_as_an_interrupt(compose, capsys):
+def test_ctrl_c_that_tensorflow_reraised_still_exits_as_an_interrupt(capsys):
     """Ctrl-C inside Keras' fit() can surface as TensorFlow's own RuntimeError; the stage must
     still report an interrupt (exit 130), not a crash with a traceback."""
     from pipeline.infra.stage import run_stage
@@ -186,7 +186,7 @@ def test_ctrl_c_that_tensorflow_reraised_still_exits_as_an_interrupt(compose, ca
     assert "interrupted (Ctrl-C); no partial outputs were kept" in capsys.readouterr().err
 
 
-def test_an_ordinary_error_in_a_stage_is_not_mistaken_for_an_interrupt(compose):
+def test_an_ordinary_error_in_a_stage_is_not_mistaken_for_an_interrupt():
     from pipeline.infra.stage import run_stage
 
     def broken(settings) -> None:
@@ -323,7 +323,7 @@ def test_more_folds_than_training_samples_is_a_config_error():
         ("dataset.mirrors=abc", "dataset.mirrors"),
     ],
 )
-def test_more_mistyped_or_out_of_range_keys_are_named(compose, override, key):
+def test_more_mistyped_or_out_of_range_keys_are_named(override, key):
     with pytest.raises(ConfigError) as raised:
         validate(compose(override))
     message = str(raised.value)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from run_helpers import PROJECT_ROOT, new_store, run_module
+from run_helpers import PROJECT_ROOT, REPORT_SECTIONS, new_store, run_module
 
 from pipeline.core.data import NUM_CLASSES, save_split, to_split
 from pipeline.core.grids import sample_grid
@@ -27,15 +27,6 @@ from pipeline.infra.errors import DataError
 from pipeline.infra.files import write_json
 from pipeline.report import ReportInputs, build_report, confusion, read_inputs
 
-SECTIONS = (
-    "Test result",
-    "Dataset",
-    "Training curves",
-    "Confusion matrix",
-    "Misclassified",
-    "Cross-validation",
-    "Provenance",
-)
 EMBEDDED = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -199,7 +190,7 @@ def test_html_has_every_section(built: tuple[Path, Path, Path]) -> None:
     assert page.startswith("<!doctype html>")
     assert page.rstrip().endswith("</html>")
     headings = re.findall(r"<h2>([^<]*)</h2>", page)
-    for section in SECTIONS:
+    for section in REPORT_SECTIONS:
         assert any(h.startswith(section) for h in headings), (section, headings)
     assert "<h1>digit-pipeline report: digits</h1>" in page
 

@@ -1,10 +1,11 @@
 """Hyper-parameter search: `python -m pipeline.crossval -m hparams_search=mlp_optuna` (Hydra's
 Optuna sweeper maximizing the mean fold accuracy), on the digits data with a fresh sqlite store.
 
-The real CLI runs a tiny search (3 trials, 2 folds, a narrowed search space given on the command
-line, as a user would); the runs are read back from MLflow: one FINISHED crossval run per trial,
-one sweep tag, distinct configs inside the search space, and exactly one run tagged best, the one
-with the highest `accuracy_mean`, which the sweeper's optimization_results.yaml agrees on.
+The real CLI runs a tiny search (the test-size preset, so 2 folds; 3 trials; a narrowed search
+space given on the command line, as a user would); the runs are read back from MLflow: one
+FINISHED crossval run per trial, one sweep tag, distinct configs inside the search space, and
+exactly one run tagged best, the one with the highest `accuracy_mean`, which the sweeper's
+optimization_results.yaml agrees on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ from typing import Any
 
 import pytest
 import yaml
-from run_helpers import CONF_DIR, compose, new_store, prepared_digits, project_copy, run_cli, runs
+from run_helpers import (
+    CONF_DIR,
+    compose,
+    new_store,
+    prepared_digits,
+    project_copy,
+    run_cli,
+    runs,
+    settings,
+)
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the `search` extra")
 
@@ -31,7 +41,6 @@ SPACE = (
     f"epochs=int(interval({EPOCHS[0]},{EPOCHS[-1]}))",
     f"batch_size=choice({','.join(map(str, BATCH_SIZES))})",
 )
-TINY = ("dataset=digits", "folds=2", "threads=1")
 OBJECTIVE = "accuracy_mean"
 
 
@@ -57,7 +66,7 @@ def search(factory: pytest.TempPathFactory, name: str, *overrides: str) -> Searc
         "pipeline.crossval",
         "-m",
         "hparams_search=mlp_optuna",
-        *TINY,
+        "debug=fast",
         *overrides,
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={sweep_dir}",
@@ -81,18 +90,11 @@ def _config(run: Any) -> tuple[int, int, int, float]:
 @pytest.mark.parametrize("name", SEARCHES)
 def test_every_search_composes_validates_and_changes_only_hydra(name: str):
     """The task config is the default one: a search only configures hydra.* (sweeper, space)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    assert compose(f"hparams_search={name}") == compose()
-    assert compose(f"hparams_search={name}", "dataset=digits") == compose("dataset=digits")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(
-            config_name="config",
-            overrides=[f"hparams_search={name}", "hydra/launcher=joblib"],
-            return_hydra_config=True,
-        )
+    assert settings(f"hparams_search={name}") == settings()
+    assert settings(f"hparams_search={name}", "dataset=digits") == settings("dataset=digits")
+    cfg = compose(f"hparams_search={name}", "hydra/launcher=joblib", return_hydra_config=True)
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper")
     assert sweeper.direction == "maximize"
@@ -108,7 +110,12 @@ def test_a_search_over_train_is_refused(tmp_path_factory: pytest.TempPathFactory
     project = project_copy(prepared_digits(tmp_path_factory), tmp_path_factory.mktemp("train"))
     uri = new_store(tmp_path_factory, project)
     returncode, log = run_cli(
-        project, "pipeline.train", "-m", "hparams_search=mlp_optuna", *TINY, f"tracking.uri={uri}"
+        project,
+        "pipeline.train",
+        "-m",
+        "hparams_search=mlp_optuna",
+        "debug=fast",
+        f"tracking.uri={uri}",
     )
     assert returncode == 1, log
     assert "optimizes cross-validated accuracy" in log and "pipeline.crossval" in log, log
@@ -140,7 +147,7 @@ def test_trials_differ_and_stay_inside_the_search_space(done: Search):
     for width, epochs, batch_size, learning_rate in configs:
         assert width in WIDTHS and epochs in EPOCHS and batch_size in BATCH_SIZES, configs
         assert LEARNING_RATES[0] <= learning_rate <= LEARNING_RATES[1], configs
-    assert {r.data.params["folds"] for r in done.trials} == {"2"}  # a fixed override stays fixed
+    assert {r.data.params["folds"] for r in done.trials} == {"2"}  # the preset's, never searched
 
 
 @pytest.mark.slow
@@ -196,7 +203,7 @@ def test_with_max_failure_rate_1_failed_trials_are_skipped(tmp_path_factory):
         "hydra.sweeper.n_trials=4",
         "hydra.sweeper.max_failure_rate=1.0",
         "width=choice(8,4000000000)",
-        "epochs=1",
+        "epochs=1",  # on the command line: not searched (mlp_optuna's space has epochs 2-10)
     )
     assert mixed.returncode == 0, mixed.log
     statuses = sorted(r.info.status for r in mixed.trials)

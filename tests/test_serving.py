@@ -2,9 +2,9 @@
 train run's model and points the `champion` alias at it; `python -m pipeline.predict` loads it as
 models:/digit-classifier@champion; and `mlflow models serve` serves it over HTTP on 127.0.0.1.
 
-Everything is real: the model is trained by the pipeline (shared with test_predict.py), the
-registry is the run's sqlite store, and the server is MLflow's own scoring server in a
-subprocess, stopped when the module's tests are done.
+Everything is real: the model is trained by the pipeline (conftest's `trained_digits`, shared
+with test_predict.py), the registry is the run's sqlite store, and the server is MLflow's own
+scoring server in a subprocess, stopped when the module's tests are done.
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_helpers import free_port, run_module
-from test_predict import STYLES, TrainedDigits, parse_json, render, run_predict, trained_digits
+from run_helpers import (
+    STYLES,
+    TrainedDigits,
+    free_port,
+    parse_json,
+    render,
+    run_module,
+    run_predict,
+)
 
 from pipeline.core.images import prepare_image
 from pipeline.infra.model_loading import load_model
@@ -32,11 +39,6 @@ from pipeline.registry import DEFAULT_ALIAS, DEFAULT_NAME
 pytestmark = pytest.mark.slow
 
 SERVER_START_DEADLINE = 120  # seconds; it takes ~15 s here (TensorFlow import, model load)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedDigits:
-    return trained_digits(tmp_path_factory)
 
 
 def run_registry(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -51,60 +53,64 @@ def champion_version(uri: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def registered(trained: TrainedDigits, tmp_path_factory: pytest.TempPathFactory) -> str:
+def registered(trained_digits: TrainedDigits, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Register the run's model by URI; returns the version the alias points at."""
     result = run_registry(
-        trained.run_model_uri,
+        trained_digits.run_model_uri,
         "--tracking-uri",
-        trained.tracking_uri,
+        trained_digits.tracking_uri,
         cwd=tmp_path_factory.mktemp("register"),
     )
     assert result.returncode == 0, result.stderr
     assert f"models:/{DEFAULT_NAME}@{DEFAULT_ALIAS}" in result.stdout
     version = result.stdout.split(" version ")[1].split(";")[0]
-    assert champion_version(trained.tracking_uri) == version
+    assert champion_version(trained_digits.tracking_uri) == version
     return version
 
 
-def test_register_sets_the_champion_alias_on_the_runs_model(trained: TrainedDigits, registered):
+def test_register_sets_the_champion_alias_on_the_runs_model(
+    trained_digits: TrainedDigits, registered
+):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=trained.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=trained_digits.tracking_uri)
     version = client.get_model_version_by_alias(DEFAULT_NAME, DEFAULT_ALIAS)
     assert str(version.version) == registered
-    assert version.run_id == trained.run_id
+    assert version.run_id == trained_digits.run_id
 
 
 def test_register_without_arguments_uses_the_recorded_run_and_moves_the_alias(
-    trained: TrainedDigits, registered: str
+    trained_digits: TrainedDigits, registered: str
 ):
     """In the project (runs/train.json present) a plain `python -m pipeline.registry` registers
     that run's model in the store the run was logged to, as a new version the alias moves to."""
-    before = champion_version(trained.tracking_uri)
-    result = run_registry(cwd=trained.root)
+    before = champion_version(trained_digits.tracking_uri)
+    result = run_registry(cwd=trained_digits.root)
     assert result.returncode == 0, result.stderr
-    after = champion_version(trained.tracking_uri)
+    after = champion_version(trained_digits.tracking_uri)
     assert int(after) == int(before) + 1
     assert f"version {after};" in result.stdout
 
 
-def test_register_errors_are_one_line(trained: TrainedDigits, tmp_path: Path):
+def test_register_errors_are_one_line(trained_digits: TrainedDigits, tmp_path: Path):
     result = run_registry(cwd=tmp_path)  # no runs/train.json here
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "runs/train.json is missing" in result.stderr
     result = run_registry(
         "runs:/0123456789abcdef0123456789abcdef/model",
         "--tracking-uri",
-        trained.tracking_uri,
+        trained_digits.tracking_uri,
         cwd=tmp_path,
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot register runs:/0123456789abcdef0123456789abcdef/model" in result.stderr
 
 
-def test_predict_loads_the_champion_by_alias(trained: TrainedDigits, registered, tmp_path: Path):
+def test_predict_loads_the_champion_by_alias(
+    trained_digits: TrainedDigits, registered, tmp_path: Path
+):
     files = [
-        render(trained.test_images[i], STYLES[i], tmp_path / f"{i}-{STYLES[i]}", i)
+        render(trained_digits.test_images[i], STYLES[i], tmp_path / f"{i}-{STYLES[i]}", i)
         for i in range(len(STYLES))
     ]
     by_alias = parse_json(
@@ -113,12 +119,12 @@ def test_predict_loads_the_champion_by_alias(trained: TrainedDigits, registered,
             "--model",
             f"models:/{DEFAULT_NAME}@{DEFAULT_ALIAS}",
             "--tracking-uri",
-            trained.tracking_uri,
+            trained_digits.tracking_uri,
             "--json",
             cwd=tmp_path,
         )
     )
-    model = load_model(trained.model)
+    model = load_model(trained_digits.model)
     local = model.predict(np.stack([prepare_image(f, model.side) for f in files]))
     assert [e["file"] for e in by_alias] == [str(f) for f in files]
     np.testing.assert_allclose([e["probabilities"] for e in by_alias], local, atol=1e-5)
@@ -146,14 +152,14 @@ def get(url: str, timeout: float = 5) -> int:
 
 @pytest.fixture(scope="module")
 def server(
-    trained: TrainedDigits, registered: str, tmp_path_factory: pytest.TempPathFactory
+    trained_digits: TrainedDigits, registered: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """`mlflow models serve -m models:/digit-classifier@champion --env-manager local` on a free
     127.0.0.1 port; yields its base URL once GET /ping answers 200."""
     cwd = tmp_path_factory.mktemp("serve")
     log_path = cwd / "server.log"
     env = dict(os.environ)
-    env["MLFLOW_TRACKING_URI"] = trained.tracking_uri
+    env["MLFLOW_TRACKING_URI"] = trained_digits.tracking_uri
     # The server execs `uvicorn` by name: this venv's bin must be on PATH (as after `source
     # .venv/bin/activate`, or under make).
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
@@ -214,12 +220,16 @@ def invoke(base: str, rows: np.ndarray) -> np.ndarray:
 
 
 def test_served_champion_returns_the_local_models_probabilities(
-    server: str, trained: TrainedDigits, tmp_path: Path
+    server: str, trained_digits: TrainedDigits, tmp_path: Path
 ):
-    model = load_model(trained.model)
+    model = load_model(trained_digits.model)
     # Images as a client would send them: rendered test digits, prepared like the CLI does.
     files = [
-        render(trained.test_images[i], STYLES[i % len(STYLES)], tmp_path / f"{i}-{STYLES[i % 5]}")
+        render(
+            trained_digits.test_images[i],
+            STYLES[i % len(STYLES)],
+            tmp_path / f"{i}-{STYLES[i % 5]}",
+        )
         for i in range(12)
     ]
     rows = np.stack([prepare_image(path, model.side) for path in files])
@@ -232,8 +242,8 @@ def test_served_champion_returns_the_local_models_probabilities(
     assert served.argmax(axis=1).tolist() == local.argmax(axis=1).tolist()
     np.testing.assert_allclose(served, local, atol=1e-5)
     # And it is the model that recognises them.
-    correct = int((served.argmax(axis=1) == trained.test_labels[:12]).sum())
-    assert correct >= 9, (served.argmax(axis=1), trained.test_labels[:12])
+    correct = int((served.argmax(axis=1) == trained_digits.test_labels[:12]).sum())
+    assert correct >= 9, (served.argmax(axis=1), trained_digits.test_labels[:12])
 
 
 def test_server_rejects_a_wrong_input_size(server: str):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from run_helpers import (
-    compose,
     free_port,
     history,
     isolated_mlflow,
@@ -19,6 +18,7 @@ from run_helpers import (
     project_copy,
     reaped,
     runs,
+    settings,
     start_cli,
 )
 
@@ -34,14 +34,15 @@ def store(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     return new_store(tmp_path_factory, tmp_path)
 
 
-def settings(uri: str):
-    return compose("dataset=digits", "epochs=4", f"tracking.uri={uri}")
+def four_epochs(uri: str):
+    """Settings for the runs below (epochs=4: a param they check; nothing is trained)."""
+    return settings("debug=fast", "epochs=4", f"tracking.uri={uri}")
 
 
 def test_a_run_that_completes_ends_finished_with_params_and_tags(store: str, tmp_path: Path):
     from pipeline.infra.tracking import tracked_run
 
-    with isolated_mlflow(tmp_path), tracked_run(settings(store), "train", SHA) as run:
+    with isolated_mlflow(tmp_path), tracked_run(four_epochs(store), "train", SHA) as run:
         import mlflow
 
         assert mlflow.active_run().info.run_id == run.info.run_id
@@ -58,7 +59,7 @@ def test_a_run_that_completes_ends_finished_with_params_and_tags(store: str, tmp
 def _run_that_raises(uri: str, cwd: Path, error: BaseException) -> None:
     from pipeline.infra.tracking import tracked_run
 
-    with isolated_mlflow(cwd), tracked_run(settings(uri), "train", SHA):
+    with isolated_mlflow(cwd), tracked_run(four_epochs(uri), "train", SHA):
         raise error
 
 
@@ -114,7 +115,7 @@ def test_a_failing_fold_fails_its_child_run_and_the_parent(store: str, tmp_path:
     with (
         pytest.raises(Boom),
         isolated_mlflow(tmp_path),
-        tracked_run(settings(store), "crossval", SHA) as parent,
+        tracked_run(four_epochs(store), "crossval", SHA) as parent,
     ):
         with child_run("fold 1", {"fold": "1"}) as first:
             mlflow.log_metric("fold_accuracy", 0.5)
@@ -137,7 +138,7 @@ def test_an_unreachable_tracking_server_fails_before_a_run_starts(tmp_path: Path
     from pipeline.infra.errors import TrackingError
     from pipeline.infra.tracking import tracked_run
 
-    cfg = settings(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    cfg = four_epochs(f"http://127.0.0.1:{free_port()}")  # nothing listens there
     entered = False
     with (
         pytest.raises(TrackingError, match="unreachable"),

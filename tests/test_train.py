@@ -18,7 +18,6 @@ import pytest
 from run_helpers import (
     assert_png,
     client,
-    compose,
     download,
     history,
     isolated_mlflow,
@@ -27,13 +26,14 @@ from run_helpers import (
     project_copy,
     run_module,
     runs,
+    settings,
     sqlite_uri,
 )
 
 EPOCHS = 3
 BATCH_SIZE = 32
-WIDTH = 32
-TINY = ("dataset=digits", f"batch_size={BATCH_SIZE}", f"width={WIDTH}")
+WIDTH = 32  # the test-size preset's
+TINY = ("debug=fast", f"batch_size={BATCH_SIZE}")
 
 
 @dataclass
@@ -73,7 +73,7 @@ def git_repo(path: Path) -> str | None:
 def train_in(root: Path, prepared: Path, uri: str, *overrides: str, out: Path | None = None):
     from pipeline.train import train
 
-    cfg = compose(*TINY, f"tracking.uri={uri}", *overrides)
+    cfg = settings(*TINY, f"tracking.uri={uri}", *overrides)
     with isolated_mlflow(root):
         return train(cfg, prepared, out if out is not None else root / "out")
 
@@ -305,7 +305,7 @@ def test_lenet5_trains_through_the_dvc_stage_command(prepared, tmp_path, tmp_pat
 
     project = project_copy(prepared, tmp_path / "project")
     uri = new_store(tmp_path_factory, project)
-    overrides = ["dataset=digits", "model=lenet5", "epochs=2", f"batch_size={BATCH_SIZE}"]
+    overrides = [*TINY, "model=lenet5", "epochs=2"]
     params = compose_params([*overrides, f"tracking.uri={uri}"])
     (project / "params.yaml").write_text(params, encoding="utf-8")
     result = run_module(
@@ -383,7 +383,7 @@ def test_an_error_inside_the_run_ends_it_failed(prepared, tmp_path, tmp_path_fac
     blocker = tmp_path / "out"
     blocker.write_text("a file where the output folder should be")
     with pytest.raises(OSError):
-        train_in(tmp_path, prepared, uri, "epochs=1", out=blocker)
+        train_in(tmp_path, prepared, uri, out=blocker)  # the preset's one epoch
     assert mlflow.active_run() is None
     [run] = runs(uri)
     assert run.info.status == "FAILED"
