@@ -1,12 +1,14 @@
 """Use the trained model: which digit is in each image?
 
     python -m pipeline.predict IMAGE_OR_FOLDER... [--model PATH_OR_URI] [--json]
-                               [--tracking-uri URI]
+                               [--tracking-uri URI] [--trust-model]
 
 --model is models/model.keras (what `dvc repro` trains) by default; it also takes a saved Keras
 file elsewhere, a local MLflow model folder, or an MLflow model URI (`runs:/<run id>/model`,
 `models:/digit-classifier@champion`), read from --tracking-uri, else MLFLOW_TRACKING_URI, else
-the project's sqlite:///mlflow.db.
+the project's sqlite:///mlflow.db. Only models that load without running code from the artifact
+are accepted (a .keras file in Keras' safe mode, an MLflow model's Keras/TensorFlow flavour);
+--trust-model admits the rest, e.g. an MLflow pyfunc model, whose loading runs its code as you.
 
 Any ordinary image works (PNG, JPEG, ...; any size; dark ink on light paper or light on dark;
 colour, grey, or transparent, which is composited on white). pipeline.core.images turns it
@@ -98,14 +100,18 @@ def classify(model: Model, pixels: np.ndarray, names: Sequence[str]) -> list[Pre
 
 
 def predict_files(
-    inputs: Sequence[Path], model: str | Path = DEFAULT_MODEL, tracking_uri: str | None = None
+    inputs: Sequence[Path],
+    model: str | Path = DEFAULT_MODEL,
+    tracking_uri: str | None = None,
+    trust_model: bool = False,
 ) -> list[Prediction]:
     """Classify image files and folders' images with `model`. Every image is read and checked
-    first, then the model is loaded (TensorFlow is imported only then)."""
+    first, then the model is loaded (TensorFlow is imported only then); `trust_model` admits
+    models whose loading runs code from the artifact (model_loading.load_model's `trust`)."""
     files = image_files(inputs)
     check_model_exists(model, tracking_uri)
     crops = [locate_digit(read_grey(path), str(path)) for path in files]
-    loaded = load_model(model, tracking_uri)
+    loaded = load_model(model, tracking_uri, trust=trust_model)
     pixels = np.stack([to_model_input(crop, loaded.side) for crop in crops])
     return classify(loaded, pixels, [str(path) for path in files])
 
@@ -127,6 +133,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="MLflow store for model URIs (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
     parser.add_argument(
+        "--trust-model",
+        action="store_true",
+        help="also load models that only load by running code from the model artifact (an "
+        "MLflow pyfunc model's pickle, a flavour other than Keras/TensorFlow, a non-.keras file): "
+        "this runs code from the model artifact as you, so use it only for a model whose author "
+        "you trust (by default only .keras files, in Keras' safe mode, and MLflow models' "
+        "Keras/TensorFlow flavour load)",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print a JSON list of {file, digit, probability, probabilities}",
@@ -139,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     def predict_and_print() -> None:
-        predictions = predict_files(args.inputs, args.model, args.tracking_uri)
+        predictions = predict_files(args.inputs, args.model, args.tracking_uri, args.trust_model)
         if args.json:
             print(json.dumps([asdict(p) for p in predictions], indent=2))
         else:

@@ -4,6 +4,13 @@ trains), a local MLflow model folder, or an MLflow model URI (`runs:/<run id>/mo
 
 Whatever the source, the result is a Model: flattened side x side pixels in, 10 class
 probabilities out. TensorFlow is imported only when a model is actually loaded.
+
+Only formats that load without running code from the artifact are read by default: a .keras file
+in Keras' safe mode (a Lambda layer, which is Python bytecode, is refused), and an MLflow model
+through its `tensorflow` or `keras` flavour's saved .keras file, read the same way. Anything else
+(a pyfunc model's pickled python_model, another flavour, a pickle) is refused unless the caller
+trusts its author (`trust=True`, predict's --trust-model): then MLflow's own pyfunc loader runs,
+and with it whatever code the artifact holds.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import io
 import math
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +32,14 @@ from pipeline.infra.errors import ModelError, first_line
 
 DEFAULT_MODEL = paths.MODELS_DIR / "model.keras"
 MODEL_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/..., models:/..., s3://...
+# MLflow flavours whose data folder holds the model as a .keras file: mlflow.tensorflow's (for a
+# Keras model with TensorFlow >= 2.16) and mlflow.keras's (Keras 3), both data/model.keras.
+KERAS_FLAVOURS = ("tensorflow", "keras")
+KERAS_FILE = "model.keras"
+TRUST_FIX = (
+    "pass --trust-model to load it anyway, only if you trust whoever wrote it "
+    "(that runs code from the model artifact as you)"
+)
 
 
 @dataclass(frozen=True)
@@ -76,27 +92,110 @@ def _pyfunc_model(pyfunc, source: str) -> Model:
     return _checked(source, size, predict)
 
 
-def load_keras_file(path: Path) -> Model:
-    """A model saved by the train stage (models/model.keras). Raises ModelError when the file is
-    missing or Keras cannot read it, or the model does not take a flattened square image."""
+def _warn_trusted(source: str, loader: str) -> None:
+    print(
+        f"warning: --trust-model: loading {source} with {loader}, which runs code from the "
+        "model artifact as you",
+        file=sys.stderr,
+    )
+
+
+def _read_keras(path: Path, source: str):
+    """keras.models.load_model in safe mode (explicitly: a Lambda layer is refused)."""
+    from pipeline.core.training import keras  # imports TensorFlow with its start-up noise silenced
+
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # Keras raises many types for a file it cannot read
+        raise ModelError(f"cannot load model {source}: {first_line(err)}") from None
+
+
+def load_keras_file(path: Path, trust: bool = False) -> Model:
+    """A model saved by the train stage (models/model.keras), read in Keras' safe mode. Raises
+    ModelError when the file is missing, is not a .keras file (unless `trust`: then Keras' own
+    loader is tried, e.g. for a legacy .h5 file), Keras cannot read it or refuses it in safe
+    mode, or the model does not take a flattened square image."""
     if not path.exists():
         raise ModelError(
             f"model {path} not found. Train it first: run `dvc repro` (or `python -m "
             "pipeline.train`), or pass --model PATH or an MLflow URI such as runs:/<run id>/model"
         )
-    from pipeline.core.training import keras  # imports TensorFlow with its start-up noise silenced
+    if path.suffix != ".keras":
+        if not trust:
+            raise ModelError(
+                f"model {path} is a {path.suffix or 'suffix-less'} file: only .keras files "
+                f"(read in Keras' safe mode) and MLflow models with a Keras flavour load by "
+                f"default; {TRUST_FIX}"
+            )
+        _warn_trusted(str(path), "Keras' own loader")
+    return _keras_model(_read_keras(path, str(path)), str(path))
+
+
+def mlflow_flavours(folder: Path) -> dict:
+    """The `flavors` of an MLflow model folder's MLmodel file (read as plain YAML, nothing
+    imported). Raises ModelError when MLmodel is unreadable or names no flavour."""
+    import yaml
 
     try:
-        network = keras.models.load_model(path, compile=False)
-    except Exception as err:  # Keras raises many types for a file it cannot read
-        raise ModelError(f"cannot load model {path}: {first_line(err)}") from None
-    return _keras_model(network, str(path))
+        meta = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ModelError(f"cannot read {folder / 'MLmodel'}: {first_line(err)}") from None
+    flavours = meta.get("flavors") if isinstance(meta, dict) else None
+    if not isinstance(flavours, dict) or not flavours:
+        raise ModelError(f"{folder / 'MLmodel'} names no model flavour")
+    return flavours
 
 
-def load_mlflow_model(model: str, tracking_uri: str | None = None) -> Model:
+def saved_keras_file(folder: Path, flavours: dict) -> Path | None:
+    """The .keras file of an MLflow model folder's `tensorflow` (a Keras model) or `keras`
+    flavour (KERAS_FLAVOURS); None when no flavour keeps its model in one that Keras' safe mode
+    can read alone (a SavedModel or .h5 save, pickled custom objects, a file outside the folder)."""
+    root = folder.resolve()
+    for name in KERAS_FLAVOURS:
+        conf = flavours.get(name)
+        if not isinstance(conf, dict):
+            continue
+        if conf.get("model_type", "keras") != "keras" or conf.get("save_format") == "h5":
+            continue  # a TensorFlow module or estimator, or a legacy HDF5 save
+        if conf.get("save_exported_model"):
+            continue  # a TensorFlow SavedModel export, not a .keras file
+        data = (folder / str(conf.get("data", "data"))).resolve()
+        keras_file = data / KERAS_FILE
+        if not keras_file.is_relative_to(root) or not keras_file.is_file():
+            continue
+        if any(data.glob("*.cloudpickle")):
+            continue  # needs custom objects that only unpickling (running code) restores
+        return keras_file
+    return None
+
+
+def _load_mlflow_folder(folder: Path, source: str, trust: bool) -> Model:
+    flavours = mlflow_flavours(folder)
+    keras_file = saved_keras_file(folder, flavours)
+    if keras_file is not None:
+        return _keras_model(_read_keras(keras_file, source), source)
+    if not trust:
+        names = ", ".join(map(str, flavours))
+        raise ModelError(
+            f"model {source} is an MLflow model with flavour(s) {names}, none of which loads "
+            f"without running code from the artifact (predict reads a tensorflow or keras "
+            f"flavour's saved {KERAS_FILE}); {TRUST_FIX}"
+        )
+    import mlflow
+
+    _warn_trusted(source, "mlflow.pyfunc")
+    import pipeline.core.training  # noqa: F401  # imports TensorFlow (which pyfunc may load) quietly
+
+    return _pyfunc_model(mlflow.pyfunc.load_model(str(folder)), source)
+
+
+def load_mlflow_model(model: str, tracking_uri: str | None = None, trust: bool = False) -> Model:
     """An MLflow model (runs:/<id>/model, models:/<name>@<alias>, or a local MLflow model folder)
-    through mlflow.pyfunc, from the store `tracking_uri` (see tracking.store_uri). Raises
-    TrackingError when that store does not exist, ModelError when MLflow cannot load the model."""
+    from the store `tracking_uri` (see tracking.store_uri): downloaded first if a URI, then read
+    from its Keras flavour's .keras file (saved_keras_file) in Keras' safe mode, or, only when
+    `trust`, through mlflow.pyfunc (running the artifact's code). Raises TrackingError when the
+    store does not exist, ModelError when the model has no Keras flavour and `trust` is False, or
+    cannot be downloaded or loaded."""
     from pipeline.infra.tracking import NO_STORE_FIX, check_store, store_uri, using_store
 
     uri = store_uri(tracking_uri)
@@ -115,23 +214,23 @@ def load_mlflow_model(model: str, tracking_uri: str | None = None) -> Model:
             if is_model_uri(model):
                 # Fetched first, so an unknown run or model fails before TensorFlow is imported.
                 path = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=local)
-            import pipeline.core.training  # noqa: F401  # imports TensorFlow (which pyfunc loads) quietly
-
-            pyfunc = mlflow.pyfunc.load_model(path)
+            return _load_mlflow_folder(Path(path), model, trust)
     except MlflowException as err:
         raise ModelError(f"cannot load model {model} from {uri}: {first_line(err)}") from None
     except OSError as err:
         raise ModelError(f"cannot load model {model}: {err}") from None
-    return _pyfunc_model(pyfunc, model)
 
 
-def load_model(model: str | Path = DEFAULT_MODEL, tracking_uri: str | None = None) -> Model:
-    """A Keras file path, a local MLflow model folder, or an MLflow model URI; raises as
-    load_keras_file and load_mlflow_model do."""
+def load_model(
+    model: str | Path = DEFAULT_MODEL, tracking_uri: str | None = None, trust: bool = False
+) -> Model:
+    """A Keras file path, a local MLflow model folder, or an MLflow model URI; `trust` also
+    admits formats whose loading runs code from the artifact (see the module docstring). Raises
+    as load_keras_file and load_mlflow_model do."""
     text = str(model)
     if is_model_uri(text) or (Path(text) / "MLmodel").is_file():
-        return load_mlflow_model(text, tracking_uri)
-    return load_keras_file(Path(text))
+        return load_mlflow_model(text, tracking_uri, trust)
+    return load_keras_file(Path(text), trust)
 
 
 def check_model_exists(model: str | Path, tracking_uri: str | None = None) -> None:
