@@ -77,7 +77,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     a report built from the longer sweep job plus the crossval outputs."""
     project = project_copy(prepared_digits(tmp_path_factory), tmp_path_factory.mktemp("ui"))
     uri = sqlite_uri(project / "mlflow.db")
-    common = ("dataset=digits", f"width={WIDTH}", f"tracking.uri={uri}")
+    common = ("debug=fast", f"width={WIDTH}", f"tracking.uri={uri}")
     epochs = ",".join(map(str, EPOCHS))
     sweep_dir = project / "multirun"
     _run_stage(project, "pipeline.train", "-m", f"epochs={epochs}", *common,

@@ -50,7 +50,6 @@ def parallel(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) ->
         project,
         "pipeline.train",
         f"hydra.launcher.n_jobs={len(WIDTHS)}",
-        "epochs=1",
         f"width={','.join(map(str, WIDTHS))}",
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={sweep_dir}",
@@ -59,10 +58,11 @@ def parallel(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _sweep(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m <stage> -m hydra/launcher=joblib dataset=digits threads=1 <args>` in project.
-    threads=1: one TensorFlow thread per job (docs/SCALING.md), as jobs outnumber the cores."""
+    """`python -m <stage> -m hydra/launcher=joblib debug=fast <args>` in project. The test-size
+    preset's threads=1: one TensorFlow thread per job (docs/SCALING.md), as jobs outnumber the
+    cores."""
     stage, *rest = args
-    fixed = ["-m", "hydra/launcher=joblib", "dataset=digits", "threads=1"]
+    fixed = ["-m", "hydra/launcher=joblib", "debug=fast"]
     return run_module(stage, *fixed, *rest, cwd=project, timeout=400)
 
 
@@ -118,7 +118,6 @@ def test_a_failing_job_fails_alone(digits_prepared: Path, tmp_path: Path):
         tmp_path,
         "pipeline.crossval",
         "hydra.launcher.n_jobs=2",
-        "epochs=1",
         "width=8",
         "folds=2,1",
         f"tracking.uri={uri}",
@@ -151,7 +150,7 @@ def test_ctrl_c_on_a_parallel_sweep_leaves_no_run_running(digits_prepared: Path,
     db = tmp_path / "mlflow.db"
     sweep = subprocess.Popen(
         [sys.executable, "-m", "pipeline.crossval", "-m", "hydra/launcher=joblib",
-         "hydra.launcher.n_jobs=2", "dataset=digits", "threads=1", "folds=5", "epochs=500",
+         "hydra.launcher.n_jobs=2", "debug=fast", "folds=5", "epochs=500",
          "width=8,16", f"tracking.uri=sqlite:///{db}"],
         cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,

@@ -103,7 +103,8 @@ def ray_sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -
         env = {**ray_env(), "RAY_ADDRESS": address}
         done = run_module(
             "pipeline.train", "-m", "hydra/launcher=ray_cluster",
-            "dataset=digits", "epochs=1", f"width={','.join(map(str, WIDTHS))}",
+            # threads=0 (not the preset's 1): TensorFlow follows the CPU Ray reserves (below)
+            "debug=fast", "threads=0", f"width={','.join(map(str, WIDTHS))}",
             cwd=project, env=env, timeout=400,
         )  # fmt: skip
     return RaySweep(project, head_dir, uri, done, runs(uri))

@@ -31,7 +31,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "pipeline.train",
         "-m",
         f"epochs={','.join(map(str, EPOCHS))}",
-        "dataset=digits",
+        "debug=fast",
         "width=16",
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={sweep_dir}",
