@@ -6,7 +6,9 @@
   pipeline.core.* and the two leaf modules pipeline.infra.errors and pipeline.infra.files;
 - those two leaves import nothing core could not import itself (so core's rule holds for
   everything core runs, not just for what it names);
-- pipeline/infra/ (the plumbing) imports no runnable module.
+- pipeline/infra/ (the plumbing) imports no runnable module;
+- no test module imports another (or conftest): shared helpers live in tests/run_helpers.py,
+  shared fixtures in tests/conftest.py.
 
 Every import counts, at the top of a module or inside a function. The rules are one function over
 {path: source}; the real tree must give no violation, and each rule is shown to fire on a small
@@ -18,11 +20,10 @@ from __future__ import annotations
 import ast
 
 import pytest
-from run_helpers import PROJECT_ROOT
+from run_helpers import PROJECT_ROOT, STAGES
 
-STAGES = {"fetch", "preprocess", "train", "crossval", "report"}
 COMMANDS = {"compare", "predict", "registry", "params"}
-RUNNABLE = {f"pipeline.{name}" for name in STAGES | COMMANDS}
+RUNNABLE = {f"pipeline.{name}" for name in {*STAGES} | COMMANDS}
 # Packages core may never import, not even inside a function: the science runs without them.
 FRAMEWORKS = {"hydra", "omegaconf", "mlflow"}
 LEAVES = {"pipeline.infra.errors", "pipeline.infra.files"}  # the only infra core may import
@@ -253,3 +254,67 @@ def test_a_missing_runnable_module_is_a_violation() -> None:
     tree = _good_tree()
     del tree["pipeline/registry.py"]
     assert violations(tree) == ["pipeline.registry: missing from the top of pipeline/"]
+
+
+# --------------------------------------------------------------------------- the tests' own rule
+
+
+def cross_test_imports(sources: dict[str, str]) -> list[str]:
+    """Every import of a test module (or of conftest, which pytest loads itself) by a module of
+    tests/, given as {'tests/...py': source}, one line each."""
+    forbidden = {_module_name(p).split(".")[-1] for p in sources if p.startswith("tests/test_")}
+    found: list[str] = []
+    for path, source in sorted(sources.items()):
+        for module in sorted(_imports(path, source, set())):
+            top = module.split(".")[0]
+            if top in forbidden | {"conftest"}:
+                found.append(
+                    f"{path} imports {top} (shared helpers go in run_helpers.py, "
+                    "fixtures in conftest.py)"
+                )
+    return found
+
+
+def _test_tree() -> dict[str, str]:
+    return {
+        p.relative_to(PROJECT_ROOT).as_posix(): p.read_text(encoding="utf-8")
+        for p in sorted((PROJECT_ROOT / "tests").glob("*.py"))
+    }
+
+
+def test_no_test_module_imports_another() -> None:
+    tree = _test_tree()
+    assert {"tests/conftest.py", "tests/run_helpers.py", "tests/test_architecture.py"} <= set(tree)
+    found = cross_test_imports(tree)
+    assert not found, "\n".join(found)
+
+
+GOOD_TESTS = {
+    "tests/conftest.py": "import pytest\nfrom run_helpers import settings\n",
+    "tests/run_helpers.py": "import os\n",
+    "tests/test_predict.py": "from run_helpers import render\n",
+    "tests/test_serving.py": "import run_helpers\nfrom pipeline import predict\n",
+}
+
+
+def test_test_modules_that_share_only_through_run_helpers_pass() -> None:
+    assert cross_test_imports(GOOD_TESTS) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "source", "expected"),
+    [
+        ("tests/test_serving.py", "from test_predict import render\n", "imports test_predict"),
+        ("tests/test_serving.py", "import test_predict\n", "imports test_predict"),
+        ("tests/test_serving.py", INSIDE_A_FUNCTION.format(module="test_predict"), "test_predict"),
+        ("tests/test_predict.py", "from conftest import TRAINED_EPOCHS\n", "imports conftest"),
+        ("tests/run_helpers.py", "from test_predict import render\n", "imports test_predict"),
+    ],
+)
+def test_a_test_module_importing_another_is_a_violation(
+    path: str, source: str, expected: str
+) -> None:
+    tree = dict(GOOD_TESTS)
+    tree[path] = source
+    found = cross_test_imports(tree)
+    assert len(found) == 1 and path in found[0] and expected in found[0], found
