@@ -22,11 +22,21 @@ log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
 
 
+def project_root() -> Path:
+    """The project's root directory: DVC_ROOT when DVC runs the stage, else the working directory.
+
+    `dvc exp run --temp`, `--queue` and `--run-all` run the stages in a temporary copy of the
+    repository (.dvc/tmp/exps/...) that DVC deletes afterwards, and point DVC_ROOT at the real
+    repository (dvc/repo/experiments/queue/base.py), so a store resolved here outlives the copy.
+    """
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
 def absolute_uri(uri: str) -> str:
-    """`uri` with a relative sqlite path made absolute (relative to the working directory, i.e.
-    the project root), so every process and Hydra job writes to the same file."""
+    """`uri` with a relative sqlite path made absolute against the project root (project_root),
+    so every process, Hydra job and DVC experiment writes to the same file."""
     if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_absolute():
-        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX) :]).resolve())
+        uri = SQLITE_PREFIX + str((project_root() / uri[len(SQLITE_PREFIX) :]).resolve())
     return uri
 
 
@@ -137,6 +147,16 @@ def hydra_tags() -> dict[str, str]:
         tags["sweep"] = sweep_tag(hydra_cfg)
         tags["sweep_job"] = str(hydra_cfg.job.num)
     return tags
+
+
+# What DVC exports to the stages of an experiment (`dvc exp run`, also --temp and --queue), and
+# the run tag each becomes, so a DVC experiment and its MLflow runs find each other.
+DVC_EXPERIMENT_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+
+
+def dvc_tags() -> dict[str, str]:
+    """The DVC experiment's name and baseline commit as tags; {} outside a DVC experiment."""
+    return {tag: os.environ[var] for var, tag in DVC_EXPERIMENT_TAGS.items() if os.environ.get(var)}
 
 
 def sweep_settings(config: DictConfig) -> Config:
@@ -272,6 +292,7 @@ def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
     mlflow.set_tracking_uri(tracking_uri(cfg))
     tags = {"stage": stage, "dataset": cfg.dataset.name, "dataset_sha256": dataset_sha256}
     tags.update(hydra_tags())
+    tags.update(dvc_tags())
     if commit := _git_commit():
         tags["git_commit"] = commit
     run_name = f"{stage} {tags.get('hydra_overrides', '')}".strip()  # e.g. "train epochs=10"
@@ -284,12 +305,16 @@ def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
-    """A nested run (e.g. one CV fold) under the active run, in the same experiment."""
+    """A nested run (e.g. one CV fold) under the active run, in the same experiment, with the
+    DVC experiment tags of its parent."""
     import mlflow
 
     parent = mlflow.active_run()
     run = mlflow.start_run(
-        experiment_id=parent.info.experiment_id, run_name=name, nested=True, tags=dict(tags)
+        experiment_id=parent.info.experiment_id,
+        run_name=name,
+        nested=True,
+        tags={**tags, **dvc_tags()},
     )
     with _ended_with_status():
         yield run

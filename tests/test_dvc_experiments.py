@@ -1,0 +1,134 @@
+"""DVC's experiment workflows land every run in the project's own MLflow store, with provenance.
+
+`dvc exp run --temp` and `dvc exp run --queue` + `dvc queue start` run the stages in a temporary
+copy of the repository under .dvc/tmp/exps/ that DVC deletes afterwards; the runs must still land
+in the project's store (resolved from DVC_ROOT), FINISHED, tagged with the DVC experiment's name
+and baseline revision, and `dvc exp apply` then `registry` and `predict --model runs:/...` must
+find them. Real DVC in a throw-away git repository on the test-size preset (digits, offline).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from run_helpers import DvcProject, client, dvc_project, render, sqlite_uri
+
+STORE = "mlflow.db"
+QUEUE_DEADLINE_S = 900  # a queued experiment: the whole pipeline plus DVC's worker start-up
+
+
+# --------------------------------------------------------------------------- where the store is
+
+
+def test_the_project_store_is_resolved_from_dvc_root(tmp_path: Path, monkeypatch) -> None:
+    """A stage DVC runs in a temporary copy (DVC_ROOT names the real repository) logs to the
+    real repository's mlflow.db, not to one in the copy."""
+    from pipeline.infra.tracking import store_uri
+
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert store_uri() == sqlite_uri(tmp_path / "repo" / STORE)
+    monkeypatch.delenv("DVC_ROOT")
+    assert store_uri() == sqlite_uri(copy / STORE)  # no DVC: the working directory
+
+
+# --------------------------------------------------------------------------- real DVC experiments
+
+TEMP_EXP, QUEUED_EXP = "temp-exp", "queued-exp"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
+    """A committed copy of the project on the test-size preset; nothing run yet."""
+    proj = dvc_project(tmp_path_factory.mktemp("dvc-experiments"))
+    proj.python("-m", "pipeline.params")
+    proj.git("init", "-q")
+    proj.git("add", "-A")
+    proj.git("commit", "-q", "-m", "tiny digits pipeline")
+    return proj
+
+
+def _queue_done(project: DvcProject, names: list[str]) -> bool:
+    """True once every named queued experiment has ended (Success or Failed)."""
+    status = project.dvc("queue", "status").stdout
+    ended = {
+        name
+        for name in names
+        if re.search(rf"^\S+\s+{re.escape(name)}\s.*\b(Success|Failed)\b", status, flags=re.M)
+    }
+    return ended == set(names)
+
+
+@pytest.fixture(scope="module")
+def experiments(project: DvcProject) -> Iterator[dict[str, str]]:
+    """One `dvc exp run --temp` and one queued experiment run by `dvc queue start`; yields
+    {experiment name: baseline rev}. The queue's workers are stopped on the way out."""
+    baseline = project.git("rev-parse", "HEAD").stdout.strip()
+    project.dvc("exp", "run", "--temp", "-n", TEMP_EXP, "-S", "epochs=2")
+    project.dvc("exp", "run", "--queue", "-n", QUEUED_EXP, "-S", "width=16")
+    try:
+        project.dvc("queue", "start")
+        deadline = time.monotonic() + QUEUE_DEADLINE_S
+        while not _queue_done(project, [QUEUED_EXP]):
+            assert time.monotonic() < deadline, project.dvc("queue", "status").stdout
+            time.sleep(5)
+        yield {TEMP_EXP: baseline, QUEUED_EXP: baseline}
+    finally:
+        project.run("dvc", "queue", "stop", "--kill", timeout=120)
+
+
+def _store_runs(project: DvcProject) -> list:
+    """Every run in the project's own store, across experiments, oldest first."""
+    store = project.root / STORE
+    assert store.is_file(), f"no MLflow store at {store}: the runs went elsewhere"
+    mlflow_client = client(sqlite_uri(store))
+    ids = [e.experiment_id for e in mlflow_client.search_experiments()]
+    return mlflow_client.search_runs(ids, order_by=["attribute.start_time ASC"], max_results=1000)
+
+
+@pytest.mark.slow
+def test_temp_and_queued_experiments_log_to_the_project_store(
+    project: DvcProject, experiments: dict[str, str]
+) -> None:
+    found = _store_runs(project)
+    for name, baseline in experiments.items():
+        mine = [r for r in found if r.data.tags.get("dvc.exp_name") == name]
+        stages = sorted(r.data.tags["stage"] for r in mine)
+        assert stages == ["crossval", "crossval-fold", "crossval-fold", "train"], (name, stages)
+        assert {r.info.status for r in mine} == {"FINISHED"}, name
+        assert {r.data.tags["dvc.baseline_rev"] for r in mine} == {baseline}
+    assert not list((project.root / ".dvc" / "tmp").rglob(STORE)), "a store left in a temp copy"
+
+
+@pytest.mark.slow
+def test_applied_experiment_registers_and_predicts_from_the_project_store(
+    project: DvcProject, experiments: dict[str, str]
+) -> None:
+    project.dvc("exp", "apply", TEMP_EXP)
+    record = json.loads((project.root / "runs" / "train.json").read_text(encoding="utf-8"))
+    assert record["tracking_uri"] == sqlite_uri(project.root / STORE)
+    [run] = [r for r in _store_runs(project) if r.info.run_id == record["run_id"]]
+    assert run.data.tags["dvc.exp_name"] == TEMP_EXP
+    assert run.data.params["epochs"] == "2"  # the experiment's own -S value
+
+    registered = project.python("-m", "pipeline.registry").stdout
+    assert f"registered runs:/{record['run_id']}/model as digit-classifier" in registered
+
+    from pipeline.core.data import load_split
+
+    test = load_split(project.root / "data" / "prepared" / "test.npz")
+    image = render(test.images[0], "dark-on-light.png", project.root / "digit.png")
+    done = project.python(
+        "-m", "pipeline.predict", "--model", f"runs:/{record['run_id']}/model", str(image), "--json"
+    )
+    [answer] = json.loads(done.stdout)
+    assert 0 <= answer["digit"] <= 9 and np.isclose(sum(answer["probabilities"]), 1, atol=1e-3)
