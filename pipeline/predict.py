@@ -10,9 +10,10 @@ the project's sqlite:///mlflow.db. Only models that load without running code fr
 are accepted (a .keras file in Keras' safe mode, an MLflow model's Keras/TensorFlow flavour);
 --trust-model admits the rest, e.g. an MLflow pyfunc model, whose loading runs its code as you.
 
-Any ordinary image works (PNG, JPEG, ...; any size; dark ink on light paper or light on dark;
-colour, grey, or transparent, which is composited on white). pipeline.core.images turns it
-into what the model was trained on, the way MNIST was made: grey, light digit on black, cropped
+Any ordinary image works (PNG, JPEG, BMP, GIF, TIFF, WebP, PGM/PPM; no other format is opened,
+whatever the file's name; any size; dark ink on light paper or light on dark; colour, grey, or
+transparent, which is composited on white). pipeline.core.images turns it into what the model
+was trained on, the way MNIST was made: grey, light digit on black, cropped
 to the digit, scaled to fit a box keeping its aspect ratio, placed by its centre of mass on the
 model's square canvas, pixels scaled to [0, 1]. The canvas side comes from the model's input size
 (784 -> 28x28 MNIST, 64 -> 8x8 scikit-learn digits).
@@ -33,12 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.images import locate_digit, read_grey, to_model_input
+from pipeline.core.images import IMAGE_SUFFIXES, locate_digit, read_grey, to_model_input
 from pipeline.infra.errors import InputError, ModelError
 from pipeline.infra.model_loading import DEFAULT_MODEL, Model, check_model_exists, load_model
 from pipeline.infra.stage import run_command
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm")
 
 
 def image_files(inputs: Iterable[Path]) -> list[Path]:

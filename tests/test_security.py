@@ -1,23 +1,28 @@
 """Inputs from elsewhere stay inside their lane (issue #15): `predict` never runs code from a
-model artifact unless told to (--trust-model).
+model artifact unless told to (--trust-model), and opens only the image formats it documents.
 
 Everything is real: the models are saved with MLflow's own savers (a pyfunc model whose pickle
 writes a marker file when it is read or loaded), logged and registered in a real sqlite store,
-and the CLI runs as a subprocess; the trusted model is the one the train stage logged.
+and the CLI runs as a subprocess; the trusted model is the one the train stage logged. The
+Ghostscript that an EPS file would be handed to is a real executable first on PATH that leaves
+a marker when it runs.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import TrainedDigits, isolated_mlflow, new_store, run_predict
+from run_helpers import TrainedDigits, cli_env, isolated_mlflow, new_store, run_predict
 
+from pipeline.core.images import IMAGE_SUFFIXES, read_grey
 from pipeline.infra.errors import ModelError
 from pipeline.infra.model_loading import load_model
 
@@ -228,3 +233,55 @@ def test_a_lambda_layer_is_refused_in_a_keras_file_and_in_an_mlflow_model(
     shutil.copyfile(keras_file, folder / "data" / "model.keras")
     with pytest.raises(ModelError, match=r"cannot load model .*[Ll]ambda"):
         load_model(folder)
+
+
+# --------------------------------------------------------------------------- image formats
+
+# A one-stroke Encapsulated PostScript drawing: Pillow identifies it as EPS and, to decode it,
+# runs Ghostscript on it (a full PostScript interpreter).
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 28 28
+newpath 14 4 moveto 14 24 lineto 3 setlinewidth stroke
+showpage
+%%EOF
+"""
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """(an environment whose PATH starts with a `gs` that records each call in a marker file,
+    that marker file)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gs-ran"
+    gs = bin_dir / "gs"
+    gs.write_text(f'#!/bin/sh\necho "$@" >> "{marker}"\n')
+    gs.chmod(0o755)
+    env = cli_env()
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    return env, marker
+
+
+def test_an_eps_file_named_png_is_refused_without_running_ghostscript(fake_ghostscript, tmp_path):
+    env, marker = fake_ghostscript
+    eps = tmp_path / "digit.png"
+    eps.write_bytes(EPS)
+    # The fake Ghostscript is real: Pillow left to itself runs it on this file.
+    opened = f"from PIL import Image; Image.open({str(eps)!r}).load()"
+    subprocess.run([sys.executable, "-c", opened], env=env, capture_output=True, check=False)
+    assert marker.exists(), "the fake gs was not found on PATH; the test below would prove nothing"
+    marker.unlink()
+
+    model = tmp_path / "model.keras"  # the images fail before any model is loaded
+    model.write_bytes(b"never read")
+    result = run_predict(str(eps), "--model", str(model), cwd=tmp_path, env=env)
+    one_error_line(result, f"error: {eps}: not an image", "PNG", "JPEG")
+    assert not marker.exists(), marker.read_text()
+
+
+@pytest.mark.parametrize("suffix", IMAGE_SUFFIXES)
+def test_every_documented_image_format_is_read(suffix: str, tmp_path: Path):
+    path = digit_image(tmp_path / f"digit{suffix}")
+    grey = read_grey(path)
+    assert grey.shape == (80, 80)
+    assert grey[40, 40] < 60 and grey[5, 5] > 200  # the stroke dark, the paper light

@@ -3,9 +3,10 @@ was made (the MNIST database's description, yann.lecun.com/exdb/mnist: each digi
 20x20 box keeping its aspect ratio, then placed by its centre of mass at the centre of the 28x28
 canvas).
 
-Any ordinary image works (PNG, JPEG, ...; any size; dark ink on light paper or light on dark;
-colour, grey, or transparent, which is composited on white). The result is grey, light digit on
-black, pixels in [0, 1], flattened: side*side float32 values for a side x side canvas.
+Any ordinary image works (PNG, JPEG, BMP, GIF, TIFF, WebP, PGM/PPM: FORMATS; any size; dark ink
+on light paper or light on dark; colour, grey, or transparent, which is composited on white).
+The result is grey, light digit on black, pixels in [0, 1], flattened: side*side float32 values
+for a side x side canvas.
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ import numpy as np
 
 from pipeline.infra.errors import InputError
 
+# The formats read (Pillow's names) and their file suffixes. Pillow is asked to try only these:
+# left to itself it opens dozens more, whatever a file's name, and hands some to other programs
+# (EPS and PDF to Ghostscript, a PostScript interpreter).
+FORMATS = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg"),
+    "BMP": (".bmp",),
+    "GIF": (".gif",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+    "PPM": (".pgm", ".ppm"),
+}
+IMAGE_SUFFIXES = tuple(suffix for suffixes in FORMATS.values() for suffix in suffixes)
 MAX_MEGAPIXELS = 50
 # A digit is at least this many grey levels (of 255) darker or lighter than the background;
 # less is a blank page, sensor noise or JPEG artefacts.
@@ -52,8 +66,9 @@ def _to_grey(image) -> np.ndarray:
 def read_grey(path: Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     """Decode an image file (first frame, EXIF orientation applied) into float32 grey 0..255.
 
-    Raises InputError for an empty file, a file that is not an image, a damaged image, and an
-    image over `max_megapixels` (checked from the header, before any pixels are decoded)."""
+    Only FORMATS are tried, whatever the file's name. Raises InputError for an empty file, a file
+    that is not an image in one of them, a damaged image, and an image over `max_megapixels`
+    (checked from the header, before any pixels are decoded)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if path.stat().st_size == 0:
@@ -65,7 +80,7 @@ def read_grey(path: Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
         with warnings.catch_warnings():
             # Our own limit is lower than Pillow's warning threshold; the error is ours to raise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=list(FORMATS)) as image:
                 width, height = image.size
                 if width * height > max_megapixels * 1e6:
                     raise InputError(
@@ -79,8 +94,8 @@ def read_grey(path: Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
         raise InputError(too_large) from None
     except UnidentifiedImageError:
         raise InputError(
-            f"{path}: not an image (Pillow cannot identify it; use PNG, JPEG, BMP, GIF, TIFF "
-            "or WebP)"
+            f"{path}: not an image in a format predict reads ({', '.join(FORMATS)}); other "
+            "formats are not opened"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # damaged/truncated images
         raise InputError(f"{path}: cannot read the image: {err}") from None
