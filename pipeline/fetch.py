@@ -54,8 +54,9 @@ def export_digits(
 
 def fetch(dataset: DatasetConfig, raw_dir: Path) -> list[Path]:
     """Make raw_dir/<dataset.name>/ hold the dataset's four verified IDX .gz files: the ones
-    dataset.files lists (the schema checks they are the ones dataset.train/test name), or for
-    digits, scikit-learn's exported under dataset.train/test's names."""
+    dataset.files lists (the schema checks they are the ones dataset.train/test name), each at
+    most dataset.max_file_mb downloaded and decompressed, or for digits, scikit-learn's exported
+    under dataset.train/test's names."""
     dest = raw_dir / dataset.name
     dest.mkdir(parents=True, exist_ok=True)
     if dataset.name == "digits":
@@ -73,7 +74,13 @@ def fetch(dataset: DatasetConfig, raw_dir: Path) -> list[Path]:
         )
     return [
         fetch_file(
-            name, sha256, dataset.mirrors, dest, timeout=dataset.timeout, retries=dataset.retries
+            name,
+            sha256,
+            dataset.mirrors,
+            dest,
+            timeout=dataset.timeout,
+            retries=dataset.retries,
+            max_bytes=round(dataset.max_file_mb * 1e6),
         )
         for name, sha256 in dataset.files.items()
     ]

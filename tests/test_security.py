@@ -1,29 +1,44 @@
 """Inputs from elsewhere stay inside their lane (issue #15): `predict` never runs code from a
-model artifact unless told to (--trust-model), and opens only the image formats it documents.
+model artifact unless told to (--trust-model), opens only the image formats it documents, and
+`fetch` downloads and decompresses at most a cap of bytes per file.
 
 Everything is real: the models are saved with MLflow's own savers (a pyfunc model whose pickle
 writes a marker file when it is read or loaded), logged and registered in a real sqlite store,
 and the CLI runs as a subprocess; the trusted model is the one the train stage logged. The
 Ghostscript that an EPS file would be handed to is a real executable first on PATH that leaves
-a marker when it runs.
+a marker when it runs. Mirrors are a real HTTP server on 127.0.0.1 and local directories; the
+gzip bomb is a real gzip file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import TrainedDigits, cli_env, isolated_mlflow, new_store, run_predict
+from run_helpers import (
+    TrainedDigits,
+    cli_env,
+    isolated_mlflow,
+    new_store,
+    run_predict,
+    settings,
+    temp_files,
+)
 
+from pipeline.core.idx import raw_sha256
 from pipeline.core.images import IMAGE_SUFFIXES, read_grey
-from pipeline.infra.errors import ModelError
+from pipeline.infra.config import DatasetConfig
+from pipeline.infra.download import fetch_file
+from pipeline.infra.errors import ConfigError, DataError, ModelError
 from pipeline.infra.model_loading import load_model
 
 
@@ -285,3 +300,180 @@ def test_every_documented_image_format_is_read(suffix: str, tmp_path: Path):
     grey = read_grey(path)
     assert grey.shape == (80, 80)
     assert grey[40, 40] < 60 and grey[5, 5] > 200  # the stroke dark, the paper light
+
+
+# --------------------------------------------------------------------------- download caps
+
+CAP = 1_000_000  # bytes: far above a tiny IDX file (conftest.py), far below what is thrown at it
+NAME = DatasetConfig().train.images
+MNIST_TRAIN_IMAGES_BYTES = 16 + 60_000 * 28 * 28  # the largest IDX file, decompressed
+
+
+def streaming(sent: list[int], limit: int = 64 * CAP):
+    """A route that answers 200 without a length and streams zeros until the client hangs up
+    (or, so a client without a cap cannot fill the disk, `limit` bytes); `sent` counts them."""
+
+    def route(handler) -> bool:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/gzip")
+        handler.end_headers()
+        chunk = bytes(1 << 16)
+        try:
+            while sum(sent) < limit and not handler.server.stop.is_set():
+                handler.wfile.write(chunk)
+                sent.append(len(chunk))
+        except OSError:  # the client hung up
+            pass
+        return True
+
+    return route
+
+
+def announcing(size: int):
+    """A route whose Content-Length announces `size` bytes, then sends a few and hangs up."""
+
+    def route(handler) -> bool:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(size))
+        handler.end_headers()
+        with contextlib.suppress(OSError):
+            handler.wfile.write(b"\x1f\x8b" + bytes(100))
+        return True
+
+    return route
+
+
+def gzip_bomb(path: Path, decompressed: int) -> Path:
+    """A valid gzip file of `decompressed` zero bytes (about 1,000 times smaller on disk)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip header and trailer
+    zeros = bytes(1 << 20)
+    with open(path, "wb") as out:
+        for _ in range(decompressed // len(zeros)):
+            out.write(compressor.compress(zeros))
+        out.write(compressor.flush())
+    return path
+
+
+def cap_line(err: DataError, location: str, *needles: str) -> str:
+    """The line of the error that lists `location`: it names the cap and the key that raises it."""
+    line = next((ln for ln in str(err).splitlines() if location in ln), None)
+    assert line is not None, f"{location} not listed in:\n{err}"
+    for needle in (f"{CAP:,} bytes", "dataset.max_file_mb", *needles):
+        assert needle in line, line
+    return line
+
+
+def assert_nothing_left(dest: Path) -> None:
+    assert not (dest / NAME).exists()
+    assert temp_files(dest) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_mirror_that_streams_forever_is_cut_off_at_the_cap(
+    idx_files, mirror_dir, tmp_path, http_server
+):
+    sent: list[int] = []
+    endless = http_server(mirror_dir, routes={f"/{NAME}": streaming(sent)})
+    good = http_server(mirror_dir)
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError) as raised:
+        fetch_file(NAME, idx_files[NAME], [endless.url], dest, timeout=5, retries=2, max_bytes=CAP)
+    cap_line(raised.value, endless.url + NAME, "cut off")
+    assert endless.requests == [f"/{NAME}"]  # a file over the cap: not asked for again
+    # The client stopped reading at the cap; the rest is what the sockets' buffers took.
+    assert sum(sent) < 16 * CAP, sum(sent)
+    assert_nothing_left(dest)
+
+    # The next mirror is tried, and its (small) file is fetched.
+    fetch_file(NAME, idx_files[NAME], [endless.url, good.url], dest, retries=0, max_bytes=CAP)
+    assert raw_sha256(dest / NAME) == idx_files[NAME]
+    assert temp_files(dest) == []
+
+
+def test_a_length_over_the_cap_is_refused_before_the_body(
+    idx_files, mirror_dir, tmp_path, http_server
+):
+    served = http_server(mirror_dir, routes={f"/{NAME}": announcing(10**12)})
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError) as raised:
+        fetch_file(NAME, idx_files[NAME], [served.url], dest, timeout=5, retries=2, max_bytes=CAP)
+    cap_line(raised.value, served.url + NAME, "1,000,000,000,000 bytes")
+    assert served.requests == [f"/{NAME}"]
+    assert_nothing_left(dest)
+
+
+@pytest.mark.parametrize("kind", ["http", "dir"])
+def test_a_gzip_bomb_stops_at_the_decompressed_cap(kind, idx_files, tmp_path, http_server):
+    bombs = tmp_path / "bombs"
+    bombs.mkdir()
+    gzip_bomb(bombs / NAME, 64 * CAP)
+    assert (
+        bombs / NAME
+    ).stat().st_size < CAP  # under the download cap: only decompressing it is not
+    mirror = http_server(bombs).url if kind == "http" else f"{bombs}/"
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError) as raised:
+        fetch_file(NAME, idx_files[NAME], [mirror], dest, timeout=5, retries=2, max_bytes=CAP)
+    cap_line(raised.value, mirror, "decompresses to more than")
+    assert_nothing_left(dest)
+
+
+def test_a_local_file_over_the_cap_is_not_copied(idx_files, tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / NAME).write_bytes(bytes(2 * CAP))
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError) as raised:
+        fetch_file(NAME, idx_files[NAME], [f"{big}/"], dest, retries=0, max_bytes=CAP)
+    cap_line(raised.value, str(big), f"{2 * CAP:,} bytes")
+    assert_nothing_left(dest)
+
+
+def test_a_gzip_bomb_already_in_place_is_replaced(idx_files, mirror_dir, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    gzip_bomb(dest / NAME, 64 * CAP)
+    fetch_file(NAME, idx_files[NAME], [str(mirror_dir)], dest, retries=0, max_bytes=CAP)
+    assert raw_sha256(dest / NAME) == idx_files[NAME]
+
+
+@pytest.mark.timeout(120)
+def test_fetch_cli_stops_an_endless_mirror_with_the_cap_and_how_to_raise_it(
+    cli, mirror_dir, tmp_path, http_server
+):
+    """The real stage on MNIST's file list, each file served endlessly: exit 1, the error names
+    the cap and its key, and nothing is left under data/raw/mnist."""
+    sent: list[int] = []
+    names = DatasetConfig(name="mnist").train, DatasetConfig(name="mnist").test
+    routes = {f"/{pair.images}": streaming(sent) for pair in names}
+    routes |= {f"/{pair.labels}": streaming(sent) for pair in names}
+    served = http_server(mirror_dir, routes=routes)
+    result = cli(
+        tmp_path,
+        "pipeline.fetch",
+        f"dataset.mirrors=[{served.url}]",
+        "dataset.retries=0",
+        f"dataset.max_file_mb={CAP / 1e6:g}",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "could not fetch a valid" in errors[0]
+    cap = [ln for ln in result.stderr.splitlines() if served.url in ln]
+    assert len(cap) == 1 and "dataset.max_file_mb" in cap[0] and f"{CAP:,} bytes" in cap[0], cap
+    assert sum(sent) < 16 * CAP
+    raw = tmp_path / "data" / "raw" / "mnist"
+    assert not raw.exists() or list(raw.iterdir()) == []
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_each_downloaded_datasets_cap_fits_its_largest_file(dataset: str):
+    cap = settings(f"dataset={dataset}").dataset.max_file_mb * 1e6
+    assert cap >= 1.2 * MNIST_TRAIN_IMAGES_BYTES  # both: 60,000 images of 28x28 bytes
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_cap_out_of_range_is_named(value: float):
+    with pytest.raises(ConfigError, match=rf"dataset\.max_file_mb={value}"):
+        DatasetConfig(max_file_mb=value)

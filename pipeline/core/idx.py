@@ -37,11 +37,18 @@ def read_gzip_bytes(path: Path) -> bytes:
         return f.read()
 
 
-def raw_sha256(path: Path) -> str:
-    """SHA-256 of the decompressed content: identical for every faithful copy, however gzipped."""
+def raw_sha256(path: Path, max_bytes: int | None = None, fix: str = "") -> str:
+    """SHA-256 of the decompressed content: identical for every faithful copy, however gzipped.
+
+    With `max_bytes`, decompression stops once the content passes that many bytes (a gzip bomb
+    costs no more than that) with a DataError naming the limit, `fix` appended."""
     digest = hashlib.sha256()
+    size = 0
     with _gzip_errors(path), gzip.open(path, "rb") as f:
         while chunk := f.read(1 << 20):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise DataError(f"{path}: decompresses to more than {max_bytes:,} bytes{fix}")
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -36,6 +36,9 @@ class DatasetConfig:
     )
     timeout: float = 30.0
     retries: int = 2
+    # The most one file may take, downloaded or decompressed (MB, 10^6 bytes): a mirror that
+    # sends more, or a gzip bomb, is cut off there. MNIST's largest file is 47 MB decompressed.
+    max_file_mb: float = 64.0
     test_fraction: float = 0.25
     split_seed: int = 0  # digits only: its fixed train/test split
 
@@ -44,6 +47,7 @@ class DatasetConfig:
         _require(self.name in names, "dataset.name", self.name, f"one of {names}")
         _require(self.timeout > 0, "dataset.timeout", self.timeout, "> 0 seconds")
         _require(self.retries >= 0, "dataset.retries", self.retries, ">= 0")
+        _require(self.max_file_mb > 0, "dataset.max_file_mb", self.max_file_mb, "> 0 (MB)")
         _require(
             0 < self.test_fraction < 1, "dataset.test_fraction", self.test_fraction, "in (0, 1)"
         )

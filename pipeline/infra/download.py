@@ -3,6 +3,8 @@
 A mirror is an http(s):// URL, a file:// URL or a local directory. Each file is accepted only if
 the SHA-256 of its decompressed bytes matches the expected value, so a re-gzipped but faithful
 copy (Debian's Fashion-MNIST) is accepted and a truncated, altered or non-gzip file is rejected.
+A cap on the bytes per file (the dataset's max_file_mb) bounds what a mirror can make us write
+and decompress: an endless response is cut off there, a gzip bomb stops there.
 """
 
 from __future__ import annotations
@@ -40,18 +42,32 @@ def source_url(mirror: str, name: str) -> str:
     return str(Path(mirror).expanduser() / name)
 
 
-def _copy_local(location: str, dest: Path) -> None:
+def _over_cap(max_bytes: int) -> str:
+    return (
+        f"the cap is {max_bytes:,} bytes per file (dataset.max_file_mb={max_bytes / 1e6:g}); "
+        "raise it if the file really is that large"
+    )
+
+
+def _copy_local(location: str, dest: Path, max_bytes: int | None) -> None:
     if location.startswith("file://"):
         path = Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path))
     else:
         path = Path(location)
+    if max_bytes is not None:
+        if path.exists() and not path.is_file():  # a device or pipe has no size to check
+            raise DataError("not a regular file")
+        if path.is_file() and (size := path.stat().st_size) > max_bytes:
+            raise DataError(f"{size:,} bytes: {_over_cap(max_bytes)}")
     shutil.copyfile(path, dest)
 
 
-def _download_http(url: str, dest: Path, timeout: float) -> None:
+def _download_http(url: str, dest: Path, timeout: float, max_bytes: int | None) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "digit-pipeline"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise DataError(f"{total:,} bytes announced (Content-Length): {_over_cap(max_bytes)}")
         from tqdm import tqdm  # imported here: only downloads draw a progress bar
 
         with tqdm(
@@ -63,6 +79,10 @@ def _download_http(url: str, dest: Path, timeout: float) -> None:
             leave=False,
         ) as bar:
             while chunk := response.read(_CHUNK):
+                if max_bytes is not None and out.tell() + len(chunk) > max_bytes:
+                    raise DataError(
+                        f"more than {max_bytes:,} bytes sent, cut off there: {_over_cap(max_bytes)}"
+                    )
                 out.write(chunk)
                 bar.update(len(chunk))
         if total is not None and out.tell() != total:
@@ -88,11 +108,11 @@ def _is_transient(err: BaseException) -> bool:
     return isinstance(err, (TimeoutError, ConnectionError, urllib.error.URLError))
 
 
-def _fetch_once(location: str, dest: Path, timeout: float) -> None:
+def _fetch_once(location: str, dest: Path, timeout: float, max_bytes: int | None) -> None:
     if location.startswith(("http://", "https://")):
-        _download_http(location, dest, timeout)
+        _download_http(location, dest, timeout, max_bytes)
     else:
-        _copy_local(location, dest)
+        _copy_local(location, dest, max_bytes)
 
 
 def _describe(err: BaseException) -> str:
@@ -111,16 +131,20 @@ def fetch_file(
     *,
     timeout: float = 30.0,
     retries: int = 2,
+    max_bytes: int | None = None,
 ) -> Path:
     """Make `dest_dir/name` a verified copy, trying each mirror in turn.
 
-    Skips the download when a valid copy is already there. Raises DataError listing every
-    location tried, and why it failed, when no mirror gives a valid file.
+    Skips the download when a valid copy is already there. With `max_bytes`, no more than that
+    is downloaded or decompressed per file: a larger file is cut off there and counts as a bad
+    file (the next mirror is tried). Raises DataError listing every location tried, and why it
+    failed, when no mirror gives a valid file.
     """
     final = Path(dest_dir) / name
+    cap_fix = f": {_over_cap(max_bytes)}" if max_bytes is not None else ""
     if final.exists():
         try:
-            if raw_sha256(final) == sha256:
+            if raw_sha256(final, max_bytes, cap_fix) == sha256:
                 log.info("%s: already present and valid", final)
                 return final
         except DataError:
@@ -136,9 +160,9 @@ def fetch_file(
         for attempt in range(retries + 1):
             try:
                 with atomic_path(final) as tmp:
-                    _fetch_once(location, tmp, timeout)
+                    _fetch_once(location, tmp, timeout, max_bytes)
                     try:
-                        actual = raw_sha256(tmp)
+                        actual = raw_sha256(tmp, max_bytes, cap_fix)
                     except DataError as err:
                         raise DataError(str(err).removeprefix(f"{tmp}: ")) from None
                     if actual != sha256:
