@@ -32,7 +32,8 @@ lock:
 	uv pip compile pyproject.toml --all-extras --universal --python-version 3.10 -o requirements.lock
 
 # A PostgreSQL cluster in .tracking/postgres and an MLflow tracking server on it, artifacts in
-# .tracking/artifacts: http://127.0.0.1:5000. Ctrl-C stops the server; `scripts/local-postgres
-# stop` the database. Settings: scripts/tracking-server -h, scripts/local-postgres -h.
+# .tracking/artifacts: http://127.0.0.1:5000, with a login (MLFLOW_AUTH_ADMIN_PASSWORD must be set:
+# docs/SECURITY.md). Ctrl-C stops the server; `scripts/local-postgres stop` the database.
+# Settings: scripts/tracking-server -h, scripts/local-postgres -h.
 tracking-server: setup
 	uri="$$(scripts/local-postgres start)" && MLFLOW_BACKEND_STORE_URI="$$uri" exec scripts/tracking-server
