@@ -185,8 +185,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     which.add_argument("--experiment", help="all crossval runs of this MLflow experiment")
     parser.add_argument(
         "--tracking-uri",
-        help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
-        f"{LOCAL_TRACKING_URI}, relative to the working directory)",
+        help="MLflow store (default: $MLFLOW_TRACKING_URI, else the project's "
+        f"{LOCAL_TRACKING_URI}: in the working directory, or DVC_ROOT under DVC)",
     )
     parser.add_argument(
         "--output",

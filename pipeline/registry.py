@@ -94,8 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (%(default)s)")
     parser.add_argument(
         "--tracking-uri",
-        help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; with no "
-        f"model_uri, the store recorded in {TRAIN_RECORD})",
+        help="MLflow store (default: with no model_uri, the store recorded in "
+        f"{TRAIN_RECORD}; else MLFLOW_TRACKING_URI, else the project's sqlite:///mlflow.db)",
     )
     return parser.parse_args(argv)
 

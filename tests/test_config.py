@@ -61,7 +61,7 @@ def test_every_group_option_composes_and_validates(group, option):
         assert cfg.model.name == option
         assert bool(cfg.model.filters) == (option in ("cnn", "lenet5"))
     else:
-        assert (cfg.tracking.uri is None) == (option == "server")
+        assert (cfg.tracking.uri is None) == (option == "local")  # local: resolved at run time
 
 
 def test_overrides_reach_the_typed_config():

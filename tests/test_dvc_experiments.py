@@ -17,7 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_helpers import DvcProject, client, dvc_project, render, sqlite_uri
+from run_helpers import (
+    DvcProject,
+    cli_env,
+    client,
+    dvc_project,
+    new_store,
+    prepared_digits,
+    project_copy,
+    render,
+    run_module,
+    settings,
+    sqlite_uri,
+)
 
 STORE = "mlflow.db"
 QUEUE_DEADLINE_S = 900  # a queued experiment: the whole pipeline plus DVC's worker start-up
@@ -39,6 +51,70 @@ def test_the_project_store_is_resolved_from_dvc_root(tmp_path: Path, monkeypatch
     assert store_uri() == sqlite_uri(tmp_path / "repo" / STORE)
     monkeypatch.delenv("DVC_ROOT")
     assert store_uri() == sqlite_uri(copy / STORE)  # no DVC: the working directory
+
+
+# --------------------------------------------------------------------------- one rule for the store
+
+
+def test_stages_and_commands_follow_one_rule_for_the_store(tmp_path: Path, monkeypatch) -> None:
+    """tracking.uri (or a command's --tracking-uri) if given, else MLFLOW_TRACKING_URI, else the
+    project's mlflow.db: a stage (its Config) and a command (no Config) agree in every case."""
+    from pipeline.infra.tracking import store_uri, tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = settings("debug=fast")
+    assert tracking_uri(default) == store_uri() == sqlite_uri(tmp_path / STORE)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")  # relative: the project's
+    assert tracking_uri(default) == store_uri() == sqlite_uri(tmp_path / "team.db")
+
+    mine = sqlite_uri(tmp_path / "mine.db")
+    assert tracking_uri(settings("debug=fast", f"tracking.uri={mine}")) == store_uri(mine) == mine
+    assert tracking_uri(settings("tracking=server")) == "http://127.0.0.1:5000"
+
+
+def test_nothing_found_messages_name_the_store(tmp_path_factory, tmp_path: Path) -> None:
+    from pipeline.core.comparison import CompareError
+    from pipeline.infra.runs import load_runs, open_store, resolve_sweep
+
+    uri, store = open_store(new_store(tmp_path_factory, tmp_path))
+    with pytest.raises(CompareError, match=f"no crossval sweep in {re.escape(uri)}"):
+        resolve_sweep(store, "latest")
+    with pytest.raises(CompareError, match=f"no run in {re.escape(uri)} has that sweep tag"):
+        resolve_sweep(store, "multirun/nope")
+    with pytest.raises(CompareError, match=f"experiments in {re.escape(uri)}: "):
+        load_runs(store, experiment="nope")
+    store.create_experiment("empty")
+    with pytest.raises(CompareError, match=f"no crossval runs in empty of {re.escape(uri)}"):
+        load_runs(store, experiment="empty")
+
+
+@pytest.mark.slow
+def test_an_exported_tracking_uri_is_where_a_stage_logs_and_commands_read(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """With MLFLOW_TRACKING_URI exported, the train stage (default tracking=local) logs there,
+    leaves no ./mlflow.db, and registry and compare read the same store."""
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
+    uri = new_store(tmp_path_factory, tmp_path / "shared")
+    env = {**cli_env(), "MLFLOW_TRACKING_URI": uri}
+    trained = run_module("pipeline.train", "debug=fast", cwd=project, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert not (project / STORE).exists(), "the stage logged to the project store, not the variable"
+    record = json.loads((project / "runs" / "train.json").read_text(encoding="utf-8"))
+    assert record["tracking_uri"] == uri
+    [run] = client(uri).search_runs(
+        [client(uri).get_experiment_by_name("digits-digits").experiment_id]
+    )
+    assert run.info.run_id == record["run_id"] and run.data.params["tracking.uri"] == uri
+
+    registered = run_module("pipeline.registry", cwd=project, env=env)
+    assert registered.returncode == 0, registered.stderr
+    compared = run_module("pipeline.compare", "--sweep", "latest", "--no-log", cwd=project, env=env)
+    assert compared.returncode == 1
+    assert f"no crossval sweep in {uri}" in compared.stderr
 
 
 # --------------------------------------------------------------------------- real DVC experiments

@@ -103,13 +103,13 @@ class ModelConfig:
         _require(ok, "model.filters", self.filters, architecture.filters_expected())
 
 
-# The embedded store: a sqlite file in the project root (the working directory).
+# The project's own store: a sqlite file in the project root (see tracking.store_uri).
 LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = LOCAL_TRACKING_URI
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else LOCAL_TRACKING_URI
     experiment: str | None = None
 
 

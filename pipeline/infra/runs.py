@@ -79,7 +79,7 @@ def resolve_sweep(client: Any, sweep: str) -> str:
         newest = recent_sweeps(client, limit=1)
         if not newest:
             raise CompareError(
-                "no crossval sweep in this store. Run one, e.g. "
+                f"no crossval sweep in {client.tracking_uri}. Run one, e.g. "
                 "`python -m pipeline.crossval -m width=64,512`, or pass --experiment NAME"
             )
         return newest[0]
@@ -96,7 +96,9 @@ def resolve_sweep(client: Any, sweep: str) -> str:
         if known
         else "This store has no crossval sweep: run one (`python -m pipeline.crossval -m ...`)"
     )
-    raise CompareError(f"unknown sweep {sweep!r}: no run in this store has that sweep tag. {fix}")
+    raise CompareError(
+        f"unknown sweep {sweep!r}: no run in {client.tracking_uri} has that sweep tag. {fix}"
+    )
 
 
 def _fold_runs(client: Any, parent: Any) -> dict[int, float]:
@@ -132,7 +134,8 @@ def load_runs(
         if found is None:
             names = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise CompareError(
-                f"unknown experiment {experiment!r} (experiments in this store: {names}). "
+                f"unknown experiment {experiment!r} (experiments in {client.tracking_uri}: "
+                f"{names}). "
                 "Fix: pass one of them, or --sweep"
             )
         ids, query, what = [found.experiment_id], f"tags.stage = '{CROSSVAL}'", experiment
@@ -149,8 +152,8 @@ def load_runs(
             stages = {r.data.tags.get("stage", "?") for r in others}
         ran = f" (it has only {', '.join(sorted(stages))} runs)" if stages else ""
         raise CompareError(
-            f"no crossval runs in {what}{ran}. Fix: run a crossval sweep, e.g. "
-            "`python -m pipeline.crossval -m width=64,512`, and compare that"
+            f"no crossval runs in {what}{ran} of {client.tracking_uri}. Fix: run a crossval "
+            "sweep, e.g. `python -m pipeline.crossval -m width=64,512`, and compare that"
         )
     notes, runs = [], []
     for parent in parents:
@@ -173,14 +176,15 @@ def load_runs(
         )
     if not runs:
         raise CompareError(
-            f"no finished crossval runs in {what}: {'; '.join(notes)}. Fix: rerun the sweep"
+            f"no finished crossval runs in {what} of {client.tracking_uri}: {'; '.join(notes)}. "
+            "Fix: rerun the sweep"
         )
     return runs, notes
 
 
 def open_store(uri: str | None) -> tuple[str, Any]:
     """(absolute URI, MlflowClient) for an existing store; never creates one. `uri` None: the
-    MLFLOW_TRACKING_URI environment variable, else the project's sqlite:///mlflow.db."""
+    store by tracking.store_uri's rule (MLFLOW_TRACKING_URI, else the project's mlflow.db)."""
     import mlflow
 
     resolved = store_uri(uri)

@@ -40,20 +40,17 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def tracking_uri(cfg: Config) -> str:
-    """The store a stage logs to: tracking.uri, else MLFLOW_TRACKING_URI."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise TrackingError(
-            "no MLflow tracking URI: pass tracking.uri=http://HOST:5000 or set MLFLOW_TRACKING_URI"
-        )
-    return absolute_uri(uri)
-
-
 def store_uri(uri: str | None = None) -> str:
-    """The store a command outside Hydra reads (compare, predict, registry): `uri`, else
-    MLFLOW_TRACKING_URI, else the project's own sqlite store."""
+    """The MLflow store, by one rule for every stage and command: `uri` when given (a stage's
+    tracking.uri, a command's --tracking-uri), else the MLFLOW_TRACKING_URI environment
+    variable, else the project's own sqlite store, mlflow.db in the project root. A relative
+    sqlite path is made absolute against the project root (absolute_uri)."""
     return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The store a stage logs to (store_uri of its tracking.uri)."""
+    return store_uri(cfg.tracking.uri)
 
 
 # What creates a missing store, for the commands that read a trained model from one.
@@ -299,7 +296,8 @@ def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
     with store_errors(cfg, "nothing yet: the stage has not started"):
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     with _ended_with_status():
-        mlflow.log_params(config_params(cfg))
+        # The store the run is in, not tracking.uri's null, which means "resolve it".
+        mlflow.log_params({**config_params(cfg), "tracking.uri": tracking_uri(cfg)})
         yield run
 
 
