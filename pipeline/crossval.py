@@ -21,7 +21,7 @@ from pipeline.core.folds import fold_indices
 from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.files import read_json, write_csv, write_json
-from pipeline.infra.stage import output_root, run_stage
+from pipeline.infra.stage import check_prepared_dataset, output_root, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
         tracked_run,
     )
 
+    check_prepared_dataset(prepared_dir, cfg.dataset.name)  # before any store or output
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
     from pipeline.core.models import build_model
@@ -57,7 +58,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
 
     import mlflow
 
-    with tracked_run(cfg, "crossval", dataset_sha) as run:
+    with tracked_run(cfg, "crossval", dataset_sha, prepared_dir) as run:
         for k, (train_idx, val_idx) in enumerate(folds, start=1):
             new_session(cfg.seed + k, cfg.deterministic)
             network = build_model(

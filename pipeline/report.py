@@ -22,7 +22,7 @@ from pipeline.infra.config import Config
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import atomic_path, read_json
 from pipeline.infra.render import Code, Headline, Image, Section, Table, Text, document
-from pipeline.infra.stage import run_stage
+from pipeline.infra.stage import check_prepared_dataset, run_stage
 
 log = logging.getLogger(__name__)
 GALLERY_SIZE = 24
@@ -224,6 +224,7 @@ def report(root: Path, out_dir: Path) -> Path:
 
 
 def _run(cfg: Config) -> None:
+    check_prepared_dataset(paths.PREPARED_DIR, cfg.dataset.name)
     report(Path("."), paths.REPORTS_DIR)
 
 

@@ -21,7 +21,7 @@ from pipeline.core.data import load_split
 from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.files import atomic_path, read_json, write_csv, write_json
-from pipeline.infra.stage import output_root, run_stage
+from pipeline.infra.stage import check_prepared_dataset, output_root, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     """Train, evaluate, save and log one model; returns the metrics written to train.json."""
     from pipeline.infra.tracking import open_store_early, run_record, store_errors, tracked_run
 
+    check_prepared_dataset(prepared_dir, cfg.dataset.name)  # before any store or output
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
 
     from pipeline.core.metrics import evaluate
@@ -53,7 +54,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     import mlflow
     from mlflow.models import infer_signature
 
-    with tracked_run(cfg, "train", dataset_sha) as run:
+    with tracked_run(cfg, "train", dataset_sha, prepared_dir) as run:
         started = time.perf_counter()
         history = fit(
             network,

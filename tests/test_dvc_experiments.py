@@ -22,6 +22,7 @@ from run_helpers import (
     cli_env,
     client,
     dvc_project,
+    isolated_mlflow,
     new_store,
     prepared_digits,
     project_copy,
@@ -117,6 +118,49 @@ def test_an_exported_tracking_uri_is_where_a_stage_logs_and_commands_read(
     assert f"no crossval sweep in {uri}" in compared.stderr
 
 
+# --------------------------------------------------------------------------- provenance checked
+
+OUTPUT_DIRS = ("models", "metrics", "plots", "runs", "reports")
+
+
+@pytest.mark.parametrize("stage", ["train", "crossval", "report"])
+def test_a_stage_refuses_prepared_data_of_another_dataset(
+    stage: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Digits prepared, MNIST configured: one line naming both and the fix, before any output
+    is written or any store opened."""
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
+    done = run_module(f"pipeline.{stage}", "dataset=mnist", "threads=1", cwd=project)
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "Traceback" not in done.stderr
+    assert "'digits'" in line and "dataset=mnist" in line and "Fix: " in line
+    assert "python -m pipeline.preprocess dataset=mnist" in line and "dataset=digits" in line
+    assert not [d for d in OUTPUT_DIRS if (project / d).exists()]
+    assert not list(project.rglob("mlflow.db*")) and not (project / "mlartifacts").exists()
+
+
+def test_a_run_records_its_dataset_as_an_mlflow_dataset_input(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The UI's Dataset column: name, digest (of the prepared data's sha256), source."""
+    from pipeline.infra.tracking import DIGEST_CHARS, tracked_run
+
+    prepared = prepared_digits(tmp_path_factory)
+    sha = json.loads((prepared / "summary.json").read_text(encoding="utf-8"))["sha256"]
+    uri = new_store(tmp_path_factory, tmp_path)
+    with (
+        isolated_mlflow(tmp_path),
+        tracked_run(settings("debug=fast", f"tracking.uri={uri}"), "train", sha, prepared) as run,
+    ):
+        pass
+    [found] = client(uri).get_run(run.info.run_id).inputs.dataset_inputs
+    assert found.dataset.name == "digits"
+    assert found.dataset.digest == sha[:DIGEST_CHARS]
+    assert json.loads(found.dataset.source) == {"uri": str(prepared.resolve())}
+    assert {t.key: t.value for t in found.tags}["mlflow.data.context"] == "train"
+
+
 # --------------------------------------------------------------------------- real DVC experiments
 
 TEMP_EXP, QUEUED_EXP = "temp-exp", "queued-exp"
@@ -182,6 +226,8 @@ def test_temp_and_queued_experiments_log_to_the_project_store(
         assert stages == ["crossval", "crossval-fold", "crossval-fold", "train"], (name, stages)
         assert {r.info.status for r in mine} == {"FINISHED"}, name
         assert {r.data.tags["dvc.baseline_rev"] for r in mine} == {baseline}
+        [train] = [r for r in mine if r.data.tags["stage"] == "train"]
+        assert [d.dataset.name for d in train.inputs.dataset_inputs] == ["digits"]
     assert not list((project.root / ".dvc" / "tmp").rglob(STORE)), "a store left in a temp copy"
 
 

@@ -14,7 +14,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from pipeline.infra.config import Config, validate
-from pipeline.infra.errors import PipelineError, interrupt_in
+from pipeline.infra.errors import DataError, PipelineError, interrupt_in
+from pipeline.infra.files import read_json
 
 T = TypeVar("T")
 
@@ -48,6 +49,26 @@ def output_root() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if _in_sweep_job() else Path(".")
+
+
+def check_prepared_dataset(prepared_dir: Path, dataset: str) -> None:
+    """Refuse prepared data of another dataset than the config's (`dataset`), as recorded in
+    prepared_dir/summary.json by preprocess: without it, `python -m pipeline.train
+    dataset=digits` would train on MNIST prepared earlier and log it as digits. Call it before
+    any output is written or any MLflow run started. A missing summary is left to the stage's
+    own read of its inputs, which names the missing file. Raises DataError naming both datasets
+    and the fix."""
+    summary = prepared_dir / "summary.json"
+    if not summary.is_file():
+        return
+    prepared = read_json(summary).get("dataset")
+    if prepared != dataset:
+        raise DataError(
+            f"{prepared_dir} holds the {prepared!r} dataset but the config says "
+            f"dataset={dataset}. Fix: prepare it first (`python -m pipeline.fetch "
+            f"dataset={dataset}` then `python -m pipeline.preprocess dataset={dataset}`, or "
+            f"`dvc exp run -S dataset={dataset}`), or run with dataset={prepared}"
+        )
 
 
 class SweepJobFailed(CompactHydraException):

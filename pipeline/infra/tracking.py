@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.infra.config import LOCAL_TRACKING_URI, Config, validate
 from pipeline.infra.errors import PipelineError, TrackingError, first_line, interrupt_in
+from pipeline.infra.paths import PREPARED_DIR
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
@@ -280,9 +282,34 @@ def store_errors(cfg: Config, saved: str) -> Iterator[None]:
         ) from None
 
 
+# MLflow keeps at most 36 characters of a dataset digest (MAX_DATASET_DIGEST_SIZE); the full
+# SHA-256 is the run's dataset_sha256 tag.
+DIGEST_CHARS = 16
+
+
+def dataset_input(name: str, sha256: str, prepared_dir: Path) -> Any:
+    """The prepared data as an MLflow dataset (metadata only: name, digest, the folder as its
+    source), which fills the Dataset column of the MLflow UI."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+
+    # "local" names MLflow's local-path source directly; resolving the bare path would warn
+    # that two registered source types match it.
+    source = json.dumps({"uri": str(prepared_dir.resolve())})
+    return MetaDataset(
+        get_dataset_source_from_json(source, source_type="local"),
+        name=name,
+        digest=sha256[:DIGEST_CHARS],
+    )
+
+
 @contextlib.contextmanager
-def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
-    """An MLflow run for one stage, with the config as params and provenance tags."""
+def tracked_run(
+    cfg: Config, stage: str, dataset_sha256: str, prepared_dir: Path = PREPARED_DIR
+) -> Iterator[Any]:
+    """An MLflow run for one stage, with the config as params, provenance tags (config,
+    git commit, Hydra sweep, DVC experiment) and the prepared data in `prepared_dir` (of
+    SHA-256 `dataset_sha256`) as its dataset input."""
     import mlflow
 
     experiment_id = _experiment_id(cfg)
@@ -298,6 +325,9 @@ def tracked_run(cfg: Config, stage: str, dataset_sha256: str) -> Iterator[Any]:
     with _ended_with_status():
         # The store the run is in, not tracking.uri's null, which means "resolve it".
         mlflow.log_params({**config_params(cfg), "tracking.uri": tracking_uri(cfg)})
+        mlflow.log_input(
+            dataset_input(cfg.dataset.name, dataset_sha256, prepared_dir), context=stage
+        )
         yield run
 
 
