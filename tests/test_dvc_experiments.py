@@ -161,6 +161,40 @@ def test_a_run_records_its_dataset_as_an_mlflow_dataset_input(
     assert {t.key: t.value for t in found.tags}["mlflow.data.context"] == "train"
 
 
+# --------------------------------------------------------------------------- what re-runs fetch
+
+
+@pytest.mark.slow
+def test_fetch_depends_on_what_defines_the_data_not_on_where_it_comes_from(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """After `dvc repro fetch`, other mirrors, timeout and retries leave fetch up to date (DVC
+    would empty data/raw and download again); another split seed makes it stale."""
+    proj = dvc_project(tmp_path_factory.mktemp("dvc-fetch-params"))
+    proj.python("-m", "pipeline.params")
+    proj.git("init", "-q")
+    proj.git("add", "-A")
+    proj.git("commit", "-q", "-m", "tiny digits pipeline")
+    proj.dvc("repro", "fetch")
+
+    proj.set_conf(
+        r"^mirrors: \[\]$",
+        "mirrors: [https://mirror.example.invalid/digits/]",
+        "dataset/digits.yaml",
+    )
+    proj.set_conf(r"^timeout: \d+$", "timeout: 5", "dataset/digits.yaml")
+    proj.set_conf(r"^retries: \d+$", "retries: 0", "dataset/digits.yaml")
+    proj.python("-m", "pipeline.params")
+    assert proj.params()["dataset"]["mirrors"] == ["https://mirror.example.invalid/digits/"]
+    status = proj.dvc("status", "fetch").stdout
+    assert "fetch" not in status, status
+
+    proj.set_conf(r"^split_seed: \d+$", "split_seed: 1", "dataset/digits.yaml")
+    proj.python("-m", "pipeline.params")
+    status = proj.dvc("status", "fetch").stdout
+    assert "fetch:" in status and "dataset.split_seed" in status, status
+
+
 # --------------------------------------------------------------------------- real DVC experiments
 
 TEMP_EXP, QUEUED_EXP = "temp-exp", "queued-exp"
