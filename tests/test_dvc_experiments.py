@@ -161,6 +161,24 @@ def test_a_run_records_its_dataset_as_an_mlflow_dataset_input(
     assert {t.key: t.value for t in found.tags}["mlflow.data.context"] == "train"
 
 
+# --------------------------------------------------------------------------- hydra.job.chdir
+
+
+@pytest.mark.parametrize("sweep", [(), ("-m",)], ids=["run", "sweep"])
+def test_hydra_job_chdir_is_refused_up_front(
+    sweep: tuple[str, ...], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Hydra's old default (chdir into the run folder) would make every project path relative
+    to outputs/...: refused in one line, with no store created anywhere."""
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
+    done = run_module("pipeline.train", *sweep, "debug=fast", "hydra.job.chdir=true", cwd=project)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if "hydra.job.chdir" in line]
+    assert len(errors) == 1 and "Fix: " in errors[0] and "Traceback" not in done.stderr, done.stderr
+    assert not list(project.rglob("mlflow.db*")) and not list(project.rglob("mlartifacts"))
+    assert not [d for d in OUTPUT_DIRS if (project / d).exists()]
+
+
 # --------------------------------------------------------------------------- what re-runs fetch
 
 

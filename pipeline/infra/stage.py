@@ -14,7 +14,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from pipeline.infra.config import Config, validate
-from pipeline.infra.errors import DataError, PipelineError, interrupt_in
+from pipeline.infra.errors import ConfigError, DataError, PipelineError, interrupt_in
 from pipeline.infra.files import read_json
 
 T = TypeVar("T")
@@ -97,10 +97,25 @@ def run_command(action: Callable[[], object]) -> int:
     return 0
 
 
+def _refuse_chdir() -> None:
+    """Refuse `hydra.job.chdir=true` (the default of Hydra before 1.2): Hydra would already have
+    moved into the run's folder, where none of the project's relative paths (data/, models/,
+    mlflow.db, ...) exist, and a store would be created there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().job.chdir:
+        raise ConfigError(
+            "hydra.job.chdir=true is not supported: the stages read and write paths relative to "
+            "the project root (data/, models/, mlflow.db). Fix: drop hydra.job.chdir=true; a "
+            "sweep's jobs already write into their own folders"
+        )
+
+
 def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
     """Validate `cfg` before any work, run `stage` and return what it returns (a sweeper's
     objective, e.g. crossval's mean accuracy); turn known failures into one clear line."""
     try:
+        _refuse_chdir()
         settings = validate(cfg)
         with sigterm_as_interrupt():
             return stage(settings)
