@@ -215,7 +215,7 @@ def test_fetch_depends_on_what_defines_the_data_not_on_where_it_comes_from(
 
 # --------------------------------------------------------------------------- real DVC experiments
 
-TEMP_EXP, QUEUED_EXP = "temp-exp", "queued-exp"
+TEMP_EXP, QUEUED = "temp-exp", {"queued-16": "width=16", "queued-24": "width=24"}
 
 
 @pytest.fixture(scope="module")
@@ -242,18 +242,24 @@ def _queue_done(project: DvcProject, names: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def experiments(project: DvcProject) -> Iterator[dict[str, str]]:
-    """One `dvc exp run --temp` and one queued experiment run by `dvc queue start`; yields
-    {experiment name: baseline rev}. The queue's workers are stopped on the way out."""
+    """One `dvc exp run --temp`, and two queued experiments run by `dvc queue start -j 2` (two
+    workers logging to one store at once); yields {experiment name: baseline rev}. The queue's
+    workers are stopped on the way out."""
     baseline = project.git("rev-parse", "HEAD").stdout.strip()
     project.dvc("exp", "run", "--temp", "-n", TEMP_EXP, "-S", "epochs=2")
-    project.dvc("exp", "run", "--queue", "-n", QUEUED_EXP, "-S", "width=16")
+    for name, override in QUEUED.items():
+        project.dvc("exp", "run", "--queue", "-n", name, "-S", override)
     try:
-        project.dvc("queue", "start")
+        project.dvc("queue", "start", "-j", "2")
         deadline = time.monotonic() + QUEUE_DEADLINE_S
-        while not _queue_done(project, [QUEUED_EXP]):
+        while not _queue_done(project, list(QUEUED)):
             assert time.monotonic() < deadline, project.dvc("queue", "status").stdout
             time.sleep(5)
-        yield {TEMP_EXP: baseline, QUEUED_EXP: baseline}
+        status = project.dvc("queue", "status").stdout
+        for name in QUEUED:
+            ok = re.search(rf"^\S+\s+{name}\s.*\bSuccess\b", status, flags=re.M)
+            assert ok, f"{status}\n{project.run('dvc', 'queue', 'logs', name).stdout[-4000:]}"
+        yield dict.fromkeys([TEMP_EXP, *QUEUED], baseline)
     finally:
         project.run("dvc", "queue", "stop", "--kill", timeout=120)
 
@@ -278,6 +284,9 @@ def test_temp_and_queued_experiments_log_to_the_project_store(
         assert stages == ["crossval", "crossval-fold", "crossval-fold", "train"], (name, stages)
         assert {r.info.status for r in mine} == {"FINISHED"}, name
         assert {r.data.tags["dvc.baseline_rev"] for r in mine} == {baseline}
+        assert {r.data.tags.get("git_commit") for r in mine if "git_commit" in r.data.tags} <= {
+            baseline
+        }
         [train] = [r for r in mine if r.data.tags["stage"] == "train"]
         assert [d.dataset.name for d in train.inputs.dataset_inputs] == ["digits"]
     assert not list((project.root / ".dvc" / "tmp").rglob(STORE)), "a store left in a temp copy"
