@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +20,15 @@ os.umask(_UMASK)
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it over `final` only if the block succeeds.
 
-    The temporary name keeps `final`'s suffix, because writers such as Keras and NumPy choose the
-    format from it. On any error or interrupt the temporary file is removed.
+    The temporary name, `.<stem>.<pid>.<random>.tmp<suffix>`, keeps `final`'s suffix, because
+    writers such as Keras and NumPy choose the format from it, and names the writing process, so
+    a later stage can remove the file once that process is gone (a `kill -9` skips the cleanup
+    here; see temp_writer). On any error or interrupt the temporary file is removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
+        prefix=f".{final.stem}.{os.getpid()}.", suffix=f".tmp{final.suffix}", dir=final.parent
     )
     os.close(fd)
     tmp = Path(tmp_name)
@@ -35,6 +38,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# atomic_path's temporary names: the writer's pid, then mkstemp's random part (letters, digits, _).
+_TEMP_NAME = re.compile(r"\..*\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp(\.[^.]*)?")
+
+
+def temp_writer(name: str) -> int | None:
+    """The pid of the process that created atomic_path's temporary file `name` (a file name);
+    None for any other name, including the pid-less names of earlier versions."""
+    match = _TEMP_NAME.fullmatch(name)
+    return int(match["pid"]) if match else None
 
 
 def write_json(path: Path, data: Any) -> None:
