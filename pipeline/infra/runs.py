@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.core.comparison import FOLD_METRIC, CompareError, Comparison, ConfigRun
 from pipeline.infra.errors import first_line
+from pipeline.infra.reconcile import process_tags
 from pipeline.infra.tracking import _git_commit, check_store, store_uri
 
 CROSSVAL, FOLD_STAGE, COMPARE = "crossval", "crossval-fold", "compare"
@@ -203,7 +204,7 @@ def open_store(uri: str | None) -> tuple[str, Any]:
 def log_comparison(client: Any, comparison: Comparison, files: Sequence[Path]) -> str:
     """Log the comparison as a new MLflow run (stage=compare, the sweep tag) in the best
     config's experiment; returns its run id. The run ends FAILED/KILLED if logging breaks."""
-    tags = {"stage": COMPARE, "compare.source": comparison.source}
+    tags = {"stage": COMPARE, "compare.source": comparison.source, **process_tags()}
     if comparison.sweep:
         tags["sweep"] = comparison.sweep
     if commit := _git_commit():

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from pipeline.infra.config import Config, validate
 from pipeline.infra.errors import ConfigError, DataError, PipelineError, interrupt_in
 from pipeline.infra.files import read_json
+from pipeline.infra.reconcile import remove_stale_temp_files
 
 T = TypeVar("T")
 
@@ -117,6 +118,7 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
     try:
         _refuse_chdir()
         settings = validate(cfg)
+        remove_stale_temp_files(output_root())  # left by writers killed with kill -9
         with sigterm_as_interrupt():
             return stage(settings)
     except PipelineError as err:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.infra.config import LOCAL_TRACKING_URI, Config, validate
 from pipeline.infra.errors import PipelineError, TrackingError, first_line, interrupt_in
 from pipeline.infra.paths import PREPARED_DIR
+from pipeline.infra.reconcile import close_dead_runs, process_tags
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
@@ -192,6 +193,7 @@ def _open_store(uri: str, experiment: str) -> str:
             f"--experiment-id {found.experiment_id}`) "
             "or choose another name with tracking.experiment=..."
         )
+    close_dead_runs(client, found.experiment_id)  # runs left RUNNING by a kill -9
     return found.experiment_id
 
 
@@ -317,6 +319,7 @@ def tracked_run(
     tags = {"stage": stage, "dataset": cfg.dataset.name, "dataset_sha256": dataset_sha256}
     tags.update(hydra_tags())
     tags.update(dvc_tags())
+    tags.update(process_tags())
     if commit := _git_commit():
         tags["git_commit"] = commit
     run_name = f"{stage} {tags.get('hydra_overrides', '')}".strip()  # e.g. "train epochs=10"
@@ -342,7 +345,7 @@ def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
         experiment_id=parent.info.experiment_id,
         run_name=name,
         nested=True,
-        tags={**tags, **dvc_tags()},
+        tags={**tags, **dvc_tags(), **process_tags()},
     )
     with _ended_with_status():
         yield run
