@@ -43,6 +43,13 @@ def store(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     return new_store(tmp_path_factory, tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def own_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own record of unended runs (reconcile.end_active_run), not the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "digit-pipeline" / "unended-runs.json"
+
+
 def _dead_pid() -> int:
     """The pid of a process that has exited and been reaped."""
     done = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -102,10 +109,14 @@ def _fake_runs(uri: str) -> dict[str, str]:
         name: mlflow_client.create_run(experiment, tags={**p.tags(), "stage": "train"})
         for name, p in processes.items()
     }
+    # A fold found before its parent and one found after it (runs come newest first).
+    made["fold"] = mlflow_client.create_run(
+        experiment, tags={**dead.tags(), "stage": "crossval-fold"}
+    )
     parent = mlflow_client.create_run(experiment, tags={**dead.tags(), "stage": "crossval"})
     made["crossval"] = parent
     fold_tags = {"stage": "crossval-fold", "mlflow.parentRunId": parent.info.run_id}
-    made["fold"] = mlflow_client.create_run(experiment, tags={**dead.tags(), **fold_tags})
+    mlflow_client.set_tag(made["fold"].info.run_id, "mlflow.parentRunId", parent.info.run_id)
     made["fold without a process"] = mlflow_client.create_run(experiment, tags=fold_tags)
     made["finished"] = mlflow_client.create_run(experiment, tags=dead.tags())
     mlflow_client.set_terminated(made["finished"].info.run_id, "FINISHED")
@@ -188,7 +199,7 @@ def test_a_stage_start_closes_the_dead_runs_of_its_experiment(store: str, caplog
     made = _fake_runs(store)
     experiment = mlflow.MlflowClient(store).get_experiment_by_name(EXPERIMENT).experiment_id
     with caplog.at_level("INFO", logger="pipeline.infra.reconcile"):
-        close_dead_runs(client(store), experiment)
+        close_dead_runs(client(store), store, experiment)
     for name in CLOSED:
         assert _status(store, made[name]) == "KILLED", name
     for name in LEFT_RUNNING:
@@ -205,11 +216,52 @@ def test_a_stage_start_never_fails_on_a_store_it_cannot_search(caplog):
             raise RuntimeError("database disk image is malformed\n[SQL: SELECT ...]")
 
     with caplog.at_level("WARNING", logger="pipeline.infra.reconcile"):
-        close_dead_runs(BrokenStore(), "1")
+        close_dead_runs(BrokenStore(), "sqlite:///nowhere.db", "1")
     assert "could not close the runs of processes that are gone: database disk image is " in (
         caplog.text
     )
     assert "SQL" not in caplog.text
+
+
+def test_a_status_the_store_refuses_is_retried_once_then_set_by_the_next_start(
+    store: str, tmp_path: Path, own_state: Path, monkeypatch: pytest.MonkeyPatch, caplog
+):
+    import mlflow
+
+    from pipeline.infra.reconcile import close_dead_runs
+    from pipeline.infra.tracking import tracked_run
+
+    tried = []
+
+    def refuse(self, run_id, status=None, end_time=None):
+        tried.append(status)
+        raise RuntimeError("(sqlite3.OperationalError) database or disk is full\n[SQL: UPDATE]")
+
+    cfg = settings("debug=fast", f"tracking.uri={store}")
+    with monkeypatch.context() as patched, caplog.at_level("WARNING"):
+        patched.setattr(mlflow.MlflowClient, "set_terminated", refuse)
+        with (
+            pytest.raises(KeyError),
+            isolated_mlflow(tmp_path),
+            tracked_run(cfg, "train", SHA) as run,
+        ):
+            raise KeyError("the stage's own error")
+    run_id = run.info.run_id
+    assert tried == ["FAILED", "FAILED"]  # once, then the one retry
+    assert _status(store, run_id) == "RUNNING"
+    assert (
+        f"could not mark MLflow run {run_id} FAILED: (sqlite3.OperationalError) database or disk "
+        "is full; the next stage start on this store will"
+    ) in caplog.text
+    assert "SQL" not in caplog.text
+
+    # Our process is alive, so only the record can end the run, and with the status it meant.
+    experiment = client(store).get_experiment_by_name(EXPERIMENT).experiment_id
+    with caplog.at_level("INFO", logger="pipeline.infra.reconcile"):
+        close_dead_runs(client(store), store, experiment)
+    assert _status(store, run_id) == "FAILED"
+    assert f"marked run {run_id} FAILED, as its own process could not" in caplog.text
+    assert own_state.read_text().strip() == "[]"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ namespace of which boot of which machine the pid belongs to), and every temporar
 its writer's pid (files.atomic_path). The next stage start, and `python -m pipeline.runs
 close-dead`, mark KILLED the RUNNING runs whose process is gone (close_dead_runs), folds with
 their parent; each stage start removes the temporary files of writers that are gone
-(remove_stale_temp_files).
+(remove_stale_temp_files). A process that lives to the end but whose store refuses the run's
+status (a full disk) remembers the run on this machine, and the next start sets that status
+(end_active_run, end_remembered_runs).
 
 Only what this machine can see is judged: a run started on another host, or in another pid
 namespace (a container) of this one, is left alone, since its process may well be running.
@@ -28,7 +30,7 @@ from typing import Any
 
 from pipeline.infra import paths
 from pipeline.infra.errors import first_line
-from pipeline.infra.files import temp_writer
+from pipeline.infra.files import read_json, temp_writer, write_json
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +238,8 @@ def find_dead_runs(
     # A fold belongs to its parent's set: found through the parent, so that folds without a
     # process of their own recorded go too.
     for parent in list(dead):
-        if dead[parent].run.data.tags.get("mlflow.parentRunId") in dead:
-            continue
+        if parent not in dead or dead[parent].run.data.tags.get("mlflow.parentRunId") in dead:
+            continue  # a fold, taken (or to be taken) with its parent
         children = _running(client, experiment_ids, f"tags.mlflow.parentRunId = '{parent}'")
         dead[parent].children = [child.info.run_id for child in children]
         for child in dead[parent].children:
@@ -258,17 +260,101 @@ def close(client: Any, dead: DeadRun) -> None:
         client.set_terminated(run_id, "KILLED")
 
 
-def close_dead_runs(client: Any, experiment_id: str) -> None:
-    """At a stage start: mark KILLED the RUNNING runs of this host in the experiment whose
-    process is gone, one log line per run. Never fails the stage: a store that cannot be
+def close_dead_runs(client: Any, uri: str, experiment_id: str) -> None:
+    """At a stage start: end the runs of store `uri` that a process of this machine could not
+    end (end_remembered_runs), then mark KILLED the RUNNING runs of this host in the experiment
+    whose process is gone, one log line per run. Never fails the stage: a store that cannot be
     searched or written is logged and left as it is."""
     try:
+        end_remembered_runs(client, uri)
         dead, _ = find_dead_runs(client, [experiment_id])
         for found in dead:
             close(client, found)
             log.info("marked %s KILLED", found.describe())
     except Exception as err:  # mlflow raises many types for a store in trouble
         log.warning("could not close the runs of processes that are gone: %s", first_line(err))
+
+
+def _unended_file() -> Path:
+    """This machine's record of the runs whose status could not be written (per user)."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "digit-pipeline" / "unended-runs.json"
+
+
+def _update_unended(change: Any) -> list[dict[str, str]]:
+    """Apply `change` (list of records -> list of records) to the record file under a file
+    lock, so parallel jobs never lose each other's records; returns the records it read."""
+    from filelock import FileLock
+
+    path = _unended_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        records = read_json(path) if path.is_file() else []
+        updated = change(records)
+        if updated != records:
+            write_json(path, updated)
+    return records
+
+
+def end_active_run(status: str) -> None:
+    """End the active MLflow run with `status` (FINISHED, FAILED, KILLED). If the store refuses
+    (a full disk, a sqlite lock held too long), a sqlite store is tried once more (a server's
+    requests are already retried by MLflow); if it still refuses, the run is remembered on this
+    machine and the next stage start on the same store ends it with `status`. Never raises: the
+    stage's own error, if any, stays the one shown. mlflow.end_run takes the run off its stack
+    before it writes the status, so the retry writes it directly."""
+    import mlflow
+
+    run_id, uri = mlflow.active_run().info.run_id, mlflow.get_tracking_uri()
+    try:
+        mlflow.end_run(status)
+        return
+    except Exception as err:  # mlflow raises many types for a store in trouble
+        error = err
+    if uri.startswith("sqlite:"):
+        try:
+            mlflow.MlflowClient(uri).set_terminated(run_id, status)
+            return
+        except Exception as err:
+            error = err
+    record = {"tracking_uri": uri, "run_id": run_id, "status": status}
+    try:
+        _update_unended(lambda records: [*records, record])
+    except OSError as err:
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, first_line(error))
+        log.warning("nor remember it in %s: %s", _unended_file(), err)
+        return
+    log.warning(
+        "could not mark MLflow run %s %s: %s; the next stage start on this store will (it is "
+        "remembered in %s)",
+        run_id,
+        status,
+        first_line(error),
+        _unended_file(),
+    )
+
+
+def end_remembered_runs(client: Any, uri: str) -> None:
+    """End the runs of `uri` that end_active_run remembered, with their intended status, and
+    forget them; a run something else ended meanwhile is only forgotten."""
+    if not _unended_file().is_file():
+        return
+    from mlflow.exceptions import MlflowException
+
+    records = [r for r in _update_unended(lambda same: same) if r["tracking_uri"] == uri]
+    for record in records:
+        try:
+            status = client.get_run(record["run_id"]).info.status
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            status = "deleted"
+        if status == "RUNNING":
+            client.set_terminated(record["run_id"], record["status"])
+            log.info(
+                "marked run %s %s, as its own process could not", record["run_id"], record["status"]
+            )
+        _update_unended(lambda current, done=record: [r for r in current if r != done])
 
 
 # Where atomic_path's temporary files can be left: every stage's outputs (beside each output).

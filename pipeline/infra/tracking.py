@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.infra.config import LOCAL_TRACKING_URI, Config, validate
 from pipeline.infra.errors import PipelineError, TrackingError, first_line, interrupt_in
 from pipeline.infra.paths import PREPARED_DIR
-from pipeline.infra.reconcile import close_dead_runs, process_tags
+from pipeline.infra.reconcile import close_dead_runs, end_active_run, process_tags
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
@@ -193,7 +193,7 @@ def _open_store(uri: str, experiment: str) -> str:
             f"--experiment-id {found.experiment_id}`) "
             "or choose another name with tracking.experiment=..."
         )
-    close_dead_runs(client, found.experiment_id)  # runs left RUNNING by a kill -9
+    close_dead_runs(client, uri, found.experiment_id)  # runs left RUNNING by a kill -9
     return found.experiment_id
 
 
@@ -251,21 +251,14 @@ def _experiment_id(cfg: Config) -> str:
 
 @contextlib.contextmanager
 def _ended_with_status() -> Iterator[None]:
-    """End the active run FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on any other error."""
-    import mlflow
-
-    def end(status: str) -> None:
-        try:
-            mlflow.end_run(status)
-        except Exception as err:  # the store itself failed: keep the original error visible
-            log.warning("could not mark the MLflow run %s: %s", status, err)
-
+    """End the active run FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED on any other error (a
+    status the store refuses is retried, then remembered: reconcile.end_active_run)."""
     try:
         yield
     except BaseException as err:
-        end("KILLED" if interrupt_in(err) else "FAILED")
+        end_active_run("KILLED" if interrupt_in(err) else "FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    end_active_run("FINISHED")
 
 
 @contextlib.contextmanager
