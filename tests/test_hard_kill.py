@@ -7,6 +7,7 @@ namespaces alone. Real processes, real sqlite stores, real /proc."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -324,18 +325,18 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path):
     assert final.exists()
 
 
-def test_dvc_ignores_temporary_files_beside_outputs():
+def test_dvc_ignores_temporary_files_beside_outputs(tmp_path: Path):
     """A temporary file inside a directory output (data/prepared, plots/train, reports) would
-    otherwise change that output's hash."""
+    otherwise change that output's hash. Checked by DVC itself, with the project's .dvcignore."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    shutil.copy(PROJECT_ROOT / ".dvcignore", tmp_path / ".dvcignore")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    kept = "data/prepared/train.npz"
     for path in ("data/prepared/.train.123.abcd_123.tmp.npz", "plots/train/.history.9.x.tmp.csv"):
         result = subprocess.run(
-            [str(Path(sys.executable).parent / "dvc"), "check-ignore", path],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
+            [dvc, "check-ignore", path, kept], cwd=tmp_path, capture_output=True, text=True
         )
-        assert result.returncode == 0, f"{path} is not in .dvcignore: {result.stderr}"
+        assert result.stdout.splitlines() == [path], f"{path}: {result.stdout}{result.stderr}"
 
 
 # --------------------------------------------------------------------------- kill -9, for real
