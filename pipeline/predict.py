@@ -18,8 +18,12 @@ to the digit, scaled to fit a box keeping its aspect ratio, placed by its centre
 model's square canvas, pixels scaled to [0, 1]. The canvas side comes from the model's input size
 (784 -> 28x28 MNIST, 64 -> 8x8 scikit-learn digits).
 
-Every input is read and checked before the model is loaded, so a bad file fails fast with one
-line naming it; nothing is printed for the others then.
+A batch never stops on one bad file: every input gets one line, in order, `<file>: <digit>
+(p=<probability>)` or `<file>: error: <problem>` (with --json, an entry with the prediction's
+fields or an `error` field). The exit code is 0 when every input was classified, 1 when any was
+not (stderr then says how many) or when the command itself failed: a missing or unloadable model
+or store is one `error:` line and nothing else. Every input is read and checked before the model
+is loaded (TensorFlow is imported only then), and not at all when no input is usable.
 """
 
 from __future__ import annotations
@@ -40,26 +44,50 @@ from pipeline.infra.model_loading import DEFAULT_MODEL, Model, check_model_exist
 from pipeline.infra.stage import run_command
 
 
-def image_files(inputs: Iterable[Path]) -> list[Path]:
-    """The files to classify: each file as given, each folder's image files (by suffix, sorted,
-    not recursive). A missing path or a folder without images is an error."""
-    files: list[Path] = []
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be classified, and why (the message without the file's name)."""
+
+    file: str
+    error: str
+
+    def line(self) -> str:
+        return f"{self.file}: error: {self.error}"
+
+
+def _failure(path: Path, err: InputError | OSError) -> Failure:
+    """An InputError names its file first (`<path>: <problem>`); keep only the problem."""
+    message = str(err) if isinstance(err, InputError) else f"cannot read it: {err}"
+    return Failure(file=str(path), error=message.removeprefix(f"{path}: "))
+
+
+def image_files(inputs: Iterable[Path]) -> list[Path | Failure]:
+    """The files to classify, in order: each file as given, each folder's image files (by
+    suffix, sorted, not recursive). A missing path or an unreadable folder or one without images
+    is a Failure in its place."""
+    files: list[Path | Failure] = []
     for path in inputs:
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-            )
+            try:
+                found = sorted(
+                    p
+                    for p in path.iterdir()
+                    if p.is_file()
+                    and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith(".")
+                )
+            except OSError as err:
+                files.append(_failure(path, err))
+                continue
             if not found:
-                raise InputError(
-                    f"{path}: folder holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+                files.append(
+                    Failure(str(path), f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
                 )
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise InputError(f"{path}: no such file or folder")
+            files.append(Failure(str(path), "no such file or folder"))
     return files
 
 
@@ -98,21 +126,35 @@ def classify(model: Model, pixels: np.ndarray, names: Sequence[str]) -> list[Pre
     return predictions
 
 
+def _located(path: Path) -> np.ndarray | Failure:
+    try:
+        return locate_digit(read_grey(path), str(path))
+    except (InputError, OSError) as err:
+        return _failure(path, err)
+
+
 def predict_files(
     inputs: Sequence[Path],
     model: str | Path = DEFAULT_MODEL,
     tracking_uri: str | None = None,
     trust_model: bool = False,
-) -> list[Prediction]:
-    """Classify image files and folders' images with `model`. Every image is read and checked
-    first, then the model is loaded (TensorFlow is imported only then); `trust_model` admits
-    models whose loading runs code from the artifact (model_loading.load_model's `trust`)."""
-    files = image_files(inputs)
+) -> list[Prediction | Failure]:
+    """Classify image files and folders' images with `model`: one Prediction or Failure per
+    input file, in order. A missing model file or store fails first; then every image is read
+    and checked; then, if any is usable, the model is loaded (TensorFlow is imported only then;
+    `trust_model` admits models whose loading runs code from the artifact, model_loading's
+    `trust`). Raises ModelError or TrackingError for the model, never for an image."""
     check_model_exists(model, tracking_uri)
-    crops = [locate_digit(read_grey(path), str(path)) for path in files]
+    items = image_files(inputs)
+    located = [item if isinstance(item, Failure) else _located(item) for item in items]
+    usable = [i for i, entry in enumerate(located) if not isinstance(entry, Failure)]
+    if not usable:
+        return [entry for entry in located if isinstance(entry, Failure)]
     loaded = load_model(model, tracking_uri, trust=trust_model)
-    pixels = np.stack([to_model_input(crop, loaded.side) for crop in crops])
-    return classify(loaded, pixels, [str(path) for path in files])
+    pixels = np.stack([to_model_input(located[i], loaded.side) for i in usable])
+    predictions = classify(loaded, pixels, [str(items[i]) for i in usable])
+    answers = dict(zip(usable, predictions, strict=True))
+    return [answers.get(i, entry) for i, entry in enumerate(located)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -143,7 +185,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--json",
         action="store_true",
-        help="print a JSON list of {file, digit, probability, probabilities}",
+        help="print a JSON list of {file, digit, probability, probabilities}, or {file, error} "
+        "for an input that could not be classified",
     )
     return parser.parse_args(argv)
 
@@ -153,12 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     def predict_and_print() -> None:
-        predictions = predict_files(args.inputs, args.model, args.tracking_uri, args.trust_model)
+        results = predict_files(args.inputs, args.model, args.tracking_uri, args.trust_model)
         if args.json:
-            print(json.dumps([asdict(p) for p in predictions], indent=2))
+            print(json.dumps([asdict(result) for result in results], indent=2))
         else:
-            for prediction in predictions:
-                print(prediction.line())
+            for result in results:
+                print(result.line())
+        failed = sum(isinstance(result, Failure) for result in results)
+        if failed:
+            # After the answers: the exit code (1) says the batch was not all classified.
+            raise InputError(
+                f"{failed} of {len(results)} inputs could not be classified; each one's line "
+                "of the output says why"
+            )
 
     return run_command(predict_and_print)
 

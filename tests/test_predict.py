@@ -9,6 +9,7 @@ runs as a subprocess.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -288,6 +289,8 @@ BAD_INPUTS: dict[str, tuple[str, Callable[[Path], Path], str]] = {
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """The whole command failed (exit 1) with exactly one `error:` line on stderr, nothing on
+    stdout and no traceback; that line holds every needle."""
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
@@ -298,27 +301,57 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     return errors[0]
 
 
+ANSWER = r"\d \(p=[01]\.\d\d\)"  # what a file's line says after "<file>: "
+
+
+def assert_batch(result: subprocess.CompletedProcess[str], expected: list[tuple[Path, str]]):
+    """A batch that ran to its end: one stdout line per input, in order, `<file>: <answer>` for
+    each input whose expected text is "" and `<file>: error: <...text...>` for the others; exit
+    1 and one stderr `error:` line counting the failures when any failed, else exit 0."""
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(expected), result.stdout
+    for line, (path, problem) in zip(lines, expected, strict=True):
+        if problem:
+            assert line.startswith(f"{path}: error: ") and problem in line, line
+        else:
+            assert re.fullmatch(rf"{re.escape(str(path))}: {ANSWER}", line), line
+    failed = sum(bool(problem) for _, problem in expected)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    if failed:
+        assert result.returncode == 1, result.stderr
+        assert len(errors) == 1, result.stderr
+        assert f"{failed} of {len(expected)} inputs" in errors[0], errors[0]
+    else:
+        assert result.returncode == 0 and errors == [], result.stderr
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_fails_with_one_line_naming_the_file(
+def test_a_bad_file_gets_its_error_line_and_the_others_their_answers(
     case: str, trained_digits: TrainedDigits, tmp_path: Path
 ):
     name, make, problem = BAD_INPUTS[case]
     bad = make(tmp_path / name)
     good = render(trained_digits.test_images[0], "dark-on-light.png", tmp_path / "good.png")
-    result = run_predict(str(good), str(bad), "--model", str(trained_digits.model), cwd=tmp_path)
-    line = assert_one_line_error(result, f"error: {bad}: ", problem)
-    assert str(good) not in line
+    later = render(trained_digits.test_images[1], "colour.jpg", tmp_path / "later.jpg")
+    result = run_predict(
+        str(good), str(bad), str(later), "--model", str(trained_digits.model), cwd=tmp_path
+    )
+    assert_batch(result, [(good, ""), (bad, problem), (later, "")])
 
 
 def test_missing_file_and_imageless_folder(trained_digits: TrainedDigits, tmp_path: Path):
-    result = run_predict(
-        str(tmp_path / "nope.png"), "--model", str(trained_digits.model), cwd=tmp_path
-    )
-    assert_one_line_error(result, "nope.png: no such file or folder")
+    good = render(trained_digits.test_images[0], "dark-on-light.png", tmp_path / "good.png")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "readme.txt").write_text("hi")
-    result = run_predict(str(tmp_path / "docs"), "--model", str(trained_digits.model), cwd=tmp_path)
-    assert_one_line_error(result, "docs: folder holds no image files")
+    missing, docs = tmp_path / "nope.png", tmp_path / "docs"
+    result = run_predict(
+        str(missing), str(docs), str(good), "--model", str(trained_digits.model), cwd=tmp_path
+    )
+    assert_batch(
+        result,
+        [(missing, "no such file or folder"), (docs, "folder holds no image files"), (good, "")],
+    )
 
 
 def test_missing_model_says_how_to_train_one(trained_digits: TrainedDigits, tmp_path: Path):
@@ -333,6 +366,44 @@ def test_unusable_model_file(trained_digits: TrainedDigits, tmp_path: Path):
     broken.write_bytes(b"this is not a zip archive")
     result = run_predict(str(good), "--model", str(broken), cwd=tmp_path)
     assert_one_line_error(result, f"cannot load model {broken}")
+
+
+def test_json_gives_a_failed_file_an_error_field_and_the_same_answers_to_the_rest(
+    trained_digits: TrainedDigits, sample_folder: Path, keras_json: list[dict], tmp_path: Path
+):
+    bad = _truncated(tmp_path / "cut.png")
+    result = run_predict(
+        str(bad), str(sample_folder), "--model", str(trained_digits.model), "--json", cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    entries = json.loads(result.stdout)
+    assert entries[0] == {"file": str(bad), "error": entries[0]["error"]}
+    assert entries[0]["error"].startswith("cannot read the image")
+    assert entries[1:] == keras_json
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"1 of {len(entries)} inputs" in errors[0], result.stderr
+
+
+def test_a_model_error_fails_the_whole_batch_before_any_line(
+    trained_digits: TrainedDigits, tmp_path: Path
+):
+    good = render(trained_digits.test_images[0], "dark-on-light.png", tmp_path / "good.png")
+    bad = _text(tmp_path / "notes.png")
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"this is not a zip archive")
+    result = run_predict(str(good), str(bad), "--model", str(broken), cwd=tmp_path)
+    assert_one_line_error(result, f"cannot load model {broken}")
+
+
+def test_a_batch_of_only_bad_files_never_loads_the_model(tmp_path: Path):
+    """Nothing to classify: each file gets its error line and the model is not even read (no
+    TensorFlow start-up for a batch that cannot use it)."""
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"never read")
+    bad, blank = _text(tmp_path / "notes.png"), _blank(tmp_path / "blank.jpg")
+    result = run_predict(str(bad), str(blank), "--model", str(model), cwd=tmp_path)
+    assert_batch(result, [(bad, "not an image"), (blank, "no digit found")])
+    assert "cannot load model" not in result.stderr
 
 
 def test_missing_store_and_unknown_run(trained_digits: TrainedDigits, tmp_path: Path):
