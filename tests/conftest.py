@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +29,9 @@ os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 _no_proxy = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
 _no_proxy = ",".join(p for p in (_no_proxy, "127.0.0.1", "localhost") if p)
 os.environ["no_proxy"] = os.environ["NO_PROXY"] = _no_proxy
+# Runs whose final status a store refused are remembered under XDG_STATE_HOME
+# (pipeline.infra.reconcile): keep the tests' out of the user's home.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="digit-pipeline-state-")
 
 from run_helpers import (  # noqa: E402
     TrainedDigits,
