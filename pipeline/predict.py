@@ -15,8 +15,10 @@ whatever the file's name; any size; dark ink on light paper or light on dark; co
 transparent, which is composited on white). pipeline.core.images turns it into what the model
 was trained on, the way MNIST was made: grey, light digit on black, cropped
 to the digit, scaled to fit a box keeping its aspect ratio, placed by its centre of mass on the
-model's square canvas, pixels scaled to [0, 1]. The canvas side comes from the model's input size
-(784 -> 28x28 MNIST, 64 -> 8x8 scikit-learn digits).
+model's square canvas, pixels scaled to [0, 1]. The canvas side comes from the model's input
+shape, in any of the usual layouts: flattened (784,), (28, 28) or (28, 28, 1) -> 28x28 MNIST,
+(64,), (8, 8) or (8, 8, 1) -> 8x8 scikit-learn digits; the model must give 10 class scores per
+image (logits are turned into probabilities).
 
 A batch never stops on one bad file: every input gets one line, in order, `<file>: <digit>
 (p=<probability>)` or `<file>: error: <problem>` (with --json, an entry with the prediction's
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.images import IMAGE_SUFFIXES, locate_digit, read_grey, to_model_input
-from pipeline.infra.errors import InputError, ModelError
+from pipeline.infra.errors import InputError
 from pipeline.infra.model_loading import DEFAULT_MODEL, Model, check_model_exists, load_model
 from pipeline.infra.stage import run_command
 
@@ -105,13 +107,9 @@ class Prediction:
 
 
 def classify(model: Model, pixels: np.ndarray, names: Sequence[str]) -> list[Prediction]:
-    """Predict prepared inputs (one row per image) -> one Prediction per name."""
-    probabilities = model.predict(np.asarray(pixels, dtype=np.float32))
-    if probabilities.ndim != 2 or len(probabilities) != len(names):
-        raise ModelError(
-            f"model {model.source} returned shape {probabilities.shape}, "
-            f"expected ({len(names)}, classes)"
-        )
+    """Predict prepared inputs (one flattened canvas per image) -> one Prediction per name.
+    Raises ModelError when the model does not answer 10 scores per image (Model.predict)."""
+    probabilities = model.predict(pixels)
     predictions = []
     for name, row in zip(names, probabilities, strict=True):
         digit = int(row.argmax())

@@ -3,7 +3,12 @@ trains), a local MLflow model folder, or an MLflow model URI (`runs:/<run id>/mo
 `models:/digit-classifier@champion`) read from a tracking store.
 
 Whatever the source, the result is a Model: flattened side x side pixels in, 10 class
-probabilities out. TensorFlow is imported only when a model is actually loaded.
+probabilities out. The network itself may take the canvas in any of the usual MNIST layouts:
+flattened (N,) with N = side*side, (side, side), or one channel (side, side, 1); a model that
+takes anything else, or does not give 10 scores per image, is refused in one line naming what it
+found. Scores that are not probabilities (logits: a last Dense(10) without softmax, as in
+TensorFlow's beginner quickstart) are turned into probabilities with softmax. TensorFlow is
+imported only when a model is actually loaded.
 
 Only formats that load without running code from the artifact are read by default: a .keras file
 in Keras' safe mode (a Lambda layer, which is Python bytecode, is refused), and an MLflow model
@@ -21,12 +26,13 @@ import math
 import re
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.data import NUM_CLASSES
 from pipeline.infra import paths
 from pipeline.infra.errors import ModelError, first_line
 
@@ -42,17 +48,52 @@ TRUST_FIX = (
 )
 
 
+# What predict can give a model, for the messages that refuse one.
+LAYOUTS = "(N,), (S, S) or (S, S, 1) with N = S*S, e.g. (784,), (28, 28) or (28, 28, 1) for MNIST"
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _probabilities(source: str, scores: np.ndarray, count: int) -> np.ndarray:
+    """A model's answer for `count` images as (count, NUM_CLASSES) float32 probabilities: when
+    not every row already is a probability distribution (non-negative, summing to 1 within
+    1e-3), the rows are logits and go through softmax. Raises ModelError for any other shape."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (count, NUM_CLASSES):
+        raise ModelError(
+            f"model {source} returned shape {shape_text(scores.shape)} for {count} images, "
+            f"not ({count}, {NUM_CLASSES}) class probabilities"
+        )
+    is_distribution = (scores >= -1e-6).all() and np.allclose(scores.sum(axis=1), 1, atol=1e-3)
+    return (scores if is_distribution else _softmax(scores)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Model:
-    """A loaded classifier: flattened side x side pixels in, 10 class probabilities out."""
+    """A loaded classifier: flattened side x side pixels in, 10 class probabilities out.
+
+    `layout` is the per-image input shape the network takes (one of LAYOUTS), `run` the
+    network on a batch in that layout, returning its raw scores."""
 
     source: str
-    input_size: int
-    predict: Callable[[np.ndarray], np.ndarray]
+    layout: tuple[int, ...]
+    run: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def input_size(self) -> int:
+        return math.prod(self.layout)
 
     @property
     def side(self) -> int:
         return math.isqrt(self.input_size)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, side*side) canvases flattened row by row -> (N, 10) float32 probabilities."""
+        x = np.asarray(pixels, dtype=np.float32)
+        return _probabilities(self.source, self.run(x.reshape(len(x), *self.layout)), len(x))
 
 
 def is_model_uri(model: str) -> bool:
@@ -60,36 +101,90 @@ def is_model_uri(model: str) -> bool:
     return bool(MODEL_URI.match(model))
 
 
-def _checked(source: str, input_size: int | None, predict: Callable) -> Model:
-    if input_size is None or math.isqrt(input_size) ** 2 != input_size:
+def shape_text(dims: Sequence[int | None]) -> str:
+    """A shape as Python writes a tuple, an unknown size (None, or MLflow's -1) as `any`:
+    (784,), (28, 28), (any, any, 1)."""
+    names = ["any" if d is None or d < 0 else str(d) for d in dims]
+    return f"({names[0]},)" if len(names) == 1 else f"({', '.join(names)})"
+
+
+def _shapes(shapes) -> list[tuple]:
+    """A model's input or output shape(s) (one tuple, or a list or dict of them) as a list."""
+    if isinstance(shapes, dict):
+        return [tuple(s) for s in shapes.values()]
+    if shapes and isinstance(shapes[0], list | tuple):
+        return [tuple(s) for s in shapes]
+    return [tuple(shapes)]
+
+
+def image_layout(source: str, shapes) -> tuple[int, ...]:
+    """The per-image input shape of a model that takes one grey square image: (N,) with N a
+    perfect square, (S, S) or (S, S, 1). `shapes`: its input shape(s), batch dimension first
+    (Keras' `input_shape`, or an MLflow tensor spec's shape, -1 for any size). Raises
+    ModelError naming what it takes otherwise."""
+    found = _shapes(shapes)
+    if len(found) != 1:
+        raise ModelError(f"model {source} takes {len(found)} inputs, not one image as {LAYOUTS}")
+    dims = found[0][1:]
+    if all(isinstance(d, int) and d > 0 for d in dims):
+        flat = len(dims) == 1 and math.isqrt(dims[0]) ** 2 == dims[0]
+        if flat or (len(dims) in (2, 3) and dims[0] == dims[1] and dims[2:] in ((), (1,))):
+            return tuple(dims)
+    raise ModelError(
+        f"model {source} takes inputs of shape {shape_text(dims)} per image, not one grey "
+        f"square image as {LAYOUTS}"
+    )
+
+
+def check_classes(source: str, shapes) -> None:
+    """Raise ModelError unless the model gives NUM_CLASSES scores per image. `shapes`: its
+    output shape(s), batch dimension first."""
+    found = _shapes(shapes)
+    if len(found) != 1:
         raise ModelError(
-            f"model {source} takes {input_size} inputs, not a square image's flattened pixels"
+            f"model {source} has {len(found)} outputs, not one of {NUM_CLASSES} class "
+            "probabilities per image"
         )
-    return Model(source=source, input_size=input_size, predict=predict)
+    dims = found[0][1:]
+    if dims == (NUM_CLASSES,):
+        return
+    what = (
+        f"{dims[0]} outputs"
+        if len(dims) == 1 and isinstance(dims[0], int) and dims[0] > 0
+        else f"outputs of shape {shape_text(dims)}"
+    )
+    raise ModelError(
+        f"model {source} gives {what} per image, not {NUM_CLASSES} class probabilities"
+    )
 
 
 def _keras_model(network, source: str) -> Model:
-    shape = network.input_shape
-    size = shape[-1] if isinstance(shape, tuple) and len(shape) == 2 else None
+    layout = image_layout(source, network.input_shape)
+    check_classes(source, network.output_shape)
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> np.ndarray:
         return np.asarray(network.predict(x, batch_size=256, verbose=0))
 
-    return _checked(source, size, predict)
+    return Model(source=source, layout=layout, run=run)
 
 
 def _pyfunc_model(pyfunc, source: str) -> Model:
     schema = pyfunc.metadata.get_input_schema()
-    shape = None
-    if schema is not None and schema.is_tensor_spec() and len(schema.inputs) == 1:
-        shape = schema.inputs[0].shape
-    size = shape[-1] if shape is not None and len(shape) == 2 else None
+    if schema is None or not schema.is_tensor_spec():
+        raise ModelError(
+            f"model {source} declares no tensor input in its MLflow signature, so predict cannot "
+            f"tell which image it takes (one of {LAYOUTS}); log it with a signature"
+        )
+    layout = image_layout(source, [spec.shape for spec in schema.inputs])
+    outputs = pyfunc.metadata.get_output_schema()
+    if outputs is not None and outputs.is_tensor_spec():
+        check_classes(source, [spec.shape for spec in outputs.inputs])
 
-    def predict(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> np.ndarray:
         with contextlib.redirect_stdout(io.StringIO()):  # Keras' progress bar
             return np.asarray(pyfunc.predict(x))
 
-    return _checked(source, size, predict)
+    return Model(source=source, layout=layout, run=run)
 
 
 def _warn_trusted(source: str, loader: str) -> None:
@@ -114,7 +209,8 @@ def load_keras_file(path: Path, trust: bool = False) -> Model:
     """A model saved by the train stage (models/model.keras), read in Keras' safe mode. Raises
     ModelError when the file is missing, is not a .keras file (unless `trust`: then Keras' own
     loader is tried, e.g. for a legacy .h5 file), Keras cannot read it or refuses it in safe
-    mode, or the model does not take a flattened square image."""
+    mode, or the model does not take one square image (image_layout) or give 10 scores per image
+    (check_classes)."""
     if not path.exists():
         raise ModelError(
             f"model {path} not found. Train it first: run `dvc repro` (or `python -m "
