@@ -28,6 +28,7 @@ from pipeline.core.comparison import Comparison, compare_runs
 from pipeline.core.stats import ALPHA
 from pipeline.infra import paths
 from pipeline.infra.config import LOCAL_TRACKING_URI
+from pipeline.infra.credentials import redact
 from pipeline.infra.files import atomic_path
 from pipeline.infra.render import (
     html_list,
@@ -161,7 +162,8 @@ def run_compare(
     else:
         source = f"experiment {experiment}"
     runs, notes = load_runs(client, sweep=sweep, experiment=experiment)
-    comparison = compare_runs(runs, alpha=alpha, source=source, tracking_uri=uri)
+    # The store as the reports and the compare run record it: its password masked.
+    comparison = compare_runs(runs, alpha=alpha, source=source, tracking_uri=redact(uri))
     comparison.sweep, comparison.experiment = sweep, experiment
     comparison.notes[:0] = notes
     files = write_reports(comparison, output) if output is not None else ()

@@ -22,7 +22,13 @@ from pipeline.infra import paths
 from pipeline.infra.errors import PipelineError, TrackingError, first_line
 from pipeline.infra.files import read_json
 from pipeline.infra.stage import run_command
-from pipeline.infra.tracking import NO_STORE_FIX, check_store, store_uri, using_store
+from pipeline.infra.tracking import (
+    NO_STORE_FIX,
+    check_store,
+    recorded_store,
+    store_uri,
+    using_store,
+)
 
 DEFAULT_NAME = "digit-classifier"
 DEFAULT_ALIAS = "champion"
@@ -95,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tracking-uri",
         help="MLflow store (default: with no model_uri, the store recorded in "
-        f"{TRAIN_RECORD}; else MLFLOW_TRACKING_URI, else the project's sqlite:///mlflow.db)",
+        f"{TRAIN_RECORD}, or MLFLOW_TRACKING_URI if that is the recorded one with its "
+        "masked password; else MLFLOW_TRACKING_URI, else the project's sqlite:///mlflow.db)",
     )
     return parser.parse_args(argv)
 
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         model_uri, tracking_uri = args.model_uri, args.tracking_uri
         if model_uri is None:
             model_uri, recorded_uri = recorded_run()
-            tracking_uri = tracking_uri or recorded_uri
+            tracking_uri = tracking_uri or recorded_store(recorded_uri, store_uri())
         registered = register(model_uri, args.name, args.alias, tracking_uri)
         print(
             f"registered {registered.source} as {registered.name} version {registered.version}; "

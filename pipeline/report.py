@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.core.data import NUM_CLASSES, load_split
 from pipeline.infra import paths
 from pipeline.infra.config import Config
+from pipeline.infra.credentials import redact
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import atomic_path, read_json
 from pipeline.infra.render import Code, Headline, Image, Section, Table, Text, document
@@ -206,17 +207,23 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     for path, text in ((html_path, page), (md_path, markdown)):
         with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+            # Run records of older versions hold a store's or mirror's password in clear.
+            tmp.write_text(redact(text), encoding="utf-8")
     return html_path, md_path
 
 
-def report(root: Path, out_dir: Path) -> Path:
-    """Build the report from root's stage outputs and log it to the train run in MLflow."""
+def report(root: Path, out_dir: Path, tracking_uri: str | None = None) -> Path:
+    """Build the report from root's stage outputs and log it to the train run in MLflow, in the
+    store runs/train.json names (with a masked password: this stage's store, `tracking_uri` by
+    tracking.store_uri's rule, if it is the same store)."""
     from mlflow import MlflowClient
 
+    from pipeline.infra.tracking import recorded_store, store_uri
+
     inputs = read_inputs(root)
+    store = recorded_store(inputs.train_run["tracking_uri"], store_uri(tracking_uri))
     html_path, md_path = build_report(inputs, out_dir)
-    client = MlflowClient(tracking_uri=inputs.train_run["tracking_uri"])
+    client = MlflowClient(tracking_uri=store)
     for path in (html_path, md_path):
         client.log_artifact(inputs.train_run["run_id"], str(path), artifact_path="report")
     log.info("wrote %s (logged to MLflow run %s)", html_path, inputs.train_run["run_id"])
@@ -225,7 +232,7 @@ def report(root: Path, out_dir: Path) -> Path:
 
 def _run(cfg: Config) -> None:
     check_prepared_dataset(paths.PREPARED_DIR, cfg.dataset.name)
-    report(Path("."), paths.REPORTS_DIR)
+    report(Path("."), paths.REPORTS_DIR, cfg.tracking.uri)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

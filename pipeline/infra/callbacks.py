@@ -1,5 +1,7 @@
-"""Hydra callbacks for sweeps, configured under `hydra.callbacks`.
+"""Hydra callbacks, configured under `hydra.callbacks`.
 
+- `RedactSavedConfigs` (conf/config.yaml, every run): no password in a URI reaches Hydra's saved
+  configs or its log lines.
 - `CloseInterruptedRuns` (conf/config.yaml, every sweep): Ctrl-C on a parallel sweep leaves no
   MLflow run RUNNING.
 - `TagBestTrial` (conf/hparams_search/mlp_optuna.yaml): `pipeline.crossval` returns the mean fold
@@ -18,12 +20,16 @@ import atexit
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pipeline.infra.credentials import redact, redact_log_records
 from pipeline.infra.errors import PipelineError
+from pipeline.infra.files import atomic_path
 from pipeline.infra.runs import filter_literal, load_runs, resolve_sweep
 from pipeline.infra.tracking import experiment_name, sweep_settings, sweep_tag, tracking_uri
 
@@ -55,7 +61,7 @@ class TagBestTrial(Callback):
             runs, _ = load_runs(client, sweep=resolve_sweep(client, sweep_tag(config.hydra)))
         except PipelineError as err:
             raise SystemExit(
-                f"error: cannot tag the search's best trial in MLflow: {err}"
+                redact(f"error: cannot tag the search's best trial in MLflow: {err}")
             ) from None
         # Finished runs, oldest first: of equal scores the first trial wins, as in Optuna.
         best = max(runs, key=lambda run: run.metrics.get(OBJECTIVE, float("-inf")))
@@ -117,9 +123,50 @@ def _kill_running_runs(config: DictConfig) -> None:
         for run in folds + jobs:
             client.set_terminated(run.info.run_id, "KILLED")
     except Exception as err:  # the store is unreachable or broken: say so, don't mask the exit
-        print(f"could not mark the interrupted sweep's runs KILLED: {err}", file=sys.stderr)
+        print(redact(f"could not mark the interrupted sweep's runs KILLED: {err}"), file=sys.stderr)
         return
     if jobs:
         print(
             f"interrupted: marked {len(jobs + folds)} runs of sweep {sweep} KILLED", file=sys.stderr
         )
+
+
+# What Hydra saves into a job's output_subdir (hydra/core/utils.py run_job).
+SAVED_CONFIGS = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+class RedactSavedConfigs(Callback):
+    """Masks passwords in URIs (credentials.redact) in every log line from the start (Hydra's
+    launcher logs each job's overrides) and in the configs Hydra saves: a job's
+    .hydra/{config,hydra,overrides}.yaml and a sweep's multirun.yaml.
+
+    Hydra writes those itself, in clear: a job's just before the job starts (run_job), a sweep's
+    before its first job (the sweeper). So each job start rewrites its own and its sweep's, and a
+    sweep rewrites its multirun.yaml again on its way out (also after Ctrl-C or a failed job)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_log_records()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_log_records()
+        atexit.register(_redact_file, Path(config.hydra.sweep.dir) / "multirun.yaml")
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        redact_log_records()
+        hydra = config.hydra
+        if hydra.output_subdir is not None:
+            for name in SAVED_CONFIGS:
+                _redact_file(Path(hydra.runtime.output_dir) / hydra.output_subdir / name)
+        if hydra.mode == RunMode.MULTIRUN:
+            _redact_file(Path(hydra.sweep.dir) / "multirun.yaml")
+
+
+def _redact_file(path: Path) -> None:
+    """Replace `path` (atomically) by a copy with its credentials masked, if it has any."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return
+    if (clean := redact(text)) != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(clean, encoding="utf-8")

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.core.idx import raw_sha256
+from pipeline.infra.credentials import login_request
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import atomic_path
 
@@ -63,7 +64,8 @@ def _copy_local(location: str, dest: Path, max_bytes: int | None) -> None:
 
 
 def _download_http(url: str, dest: Path, timeout: float, max_bytes: int | None) -> None:
-    request = urllib.request.Request(url, headers={"User-Agent": "digit-pipeline"})
+    # A mirror's user:password@ goes as HTTP Basic authentication (urllib can't parse it).
+    request = login_request(url, headers={"User-Agent": "digit-pipeline"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         if max_bytes is not None and total is not None and total > max_bytes:

@@ -14,6 +14,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from pipeline.infra.config import Config, validate
+from pipeline.infra.credentials import redact, redact_log_records
 from pipeline.infra.errors import ConfigError, DataError, PipelineError, interrupt_in
 from pipeline.infra.files import read_json
 from pipeline.infra.reconcile import remove_stale_temp_files
@@ -80,17 +81,20 @@ class SweepJobFailed(CompactHydraException):
 
 
 def _fail(message: str) -> NoReturn:
+    message = redact(message)  # a store or mirror URI in it may carry a password
     if _in_sweep_job():
         raise SweepJobFailed(message) from None
     raise SystemExit(message) from None
 
 
 def run_command(action: Callable[[], object]) -> int:
-    """Exit code of a plain (non-Hydra) command: 0; 1 after its one-line error; 130 on Ctrl-C."""
+    """Exit code of a plain (non-Hydra) command: 0; 1 after its one-line error; 130 on Ctrl-C.
+    Passwords in URIs are masked in its log lines and its error (credentials.redact)."""
+    redact_log_records()
     try:
         action()
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact(str(err))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -114,7 +118,9 @@ def _refuse_chdir() -> None:
 
 def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
     """Validate `cfg` before any work, run `stage` and return what it returns (a sweeper's
-    objective, e.g. crossval's mean accuracy); turn known failures into one clear line."""
+    objective, e.g. crossval's mean accuracy); turn known failures into one clear line. Passwords
+    in URIs are masked in its log lines and its error (credentials.redact)."""
+    redact_log_records()
     try:
         _refuse_chdir()
         settings = validate(cfg)

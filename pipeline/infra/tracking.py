@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.infra.config import LOCAL_TRACKING_URI, Config, validate
+from pipeline.infra.credentials import is_masked, login_request, redact, redacted
 from pipeline.infra.errors import PipelineError, TrackingError, first_line, interrupt_in
 from pipeline.infra.paths import PREPARED_DIR
 from pipeline.infra.reconcile import close_dead_runs, end_active_run, process_tags
@@ -48,7 +49,11 @@ def store_uri(uri: str | None = None) -> str:
     tracking.uri, a command's --tracking-uri), else the MLFLOW_TRACKING_URI environment
     variable, else the project's own sqlite store, mlflow.db in the project root. A relative
     sqlite path is made absolute against the project root (absolute_uri)."""
-    return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
+    uri = absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
+    if redact(uri) != uri:
+        # MLflow prints "View run ... at: <this URI>/#/..." when a run on a server ends.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    return uri
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -82,9 +87,10 @@ def experiment_name(cfg: Config) -> str:
 def check_server(
     uri: str, fix: str = "fix tracking.uri, or use the local store with tracking=local"
 ) -> None:
-    """Fail early (before any training) when a tracking server is unreachable."""
+    """Fail early (before any training) when a tracking server is unreachable. A login in the
+    URI is sent as HTTP Basic authentication, as MLflow's client does (login_request)."""
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+        with urllib.request.urlopen(login_request(uri.rstrip("/") + "/health"), timeout=5):
             pass
     except OSError as err:
         raise TrackingError(
@@ -142,7 +148,7 @@ def hydra_tags() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     hydra_cfg = HydraConfig.get()
-    tags = {"hydra_overrides": " ".join(hydra_cfg.overrides.task)}
+    tags = {"hydra_overrides": redact(" ".join(hydra_cfg.overrides.task))}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         tags["sweep"] = sweep_tag(hydra_cfg)
         tags["sweep_job"] = str(hydra_cfg.job.num)
@@ -319,11 +325,13 @@ def tracked_run(
     with store_errors(cfg, "nothing yet: the stage has not started"):
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     with _ended_with_status():
-        # The store the run is in, not tracking.uri's null, which means "resolve it".
-        mlflow.log_params({**config_params(cfg), "tracking.uri": tracking_uri(cfg)})
-        mlflow.log_input(
-            dataset_input(cfg.dataset.name, dataset_sha256, prepared_dir), context=stage
-        )
+        with store_errors(cfg, "nothing yet: the stage has not started"):
+            # The store the run is in, not tracking.uri's null, which means "resolve it".
+            params = {**config_params(cfg), "tracking.uri": tracking_uri(cfg)}
+            mlflow.log_params(redacted(params))
+            mlflow.log_input(
+                dataset_input(cfg.dataset.name, dataset_sha256, prepared_dir), context=stage
+            )
         yield run
 
 
@@ -346,10 +354,27 @@ def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
 
 def run_record(run: Any, cfg: Config) -> dict[str, Any]:
     """What to write next to the outputs so a user (and the report) can find the run again,
-    with the resolved config the run used."""
+    with the resolved config the run used. Passwords are masked (credentials.redact): a reader
+    finds the store again with recorded_store."""
     return {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
-        "tracking_uri": tracking_uri(cfg),
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "tracking_uri": redact(tracking_uri(cfg)),
+        "config": redacted(OmegaConf.to_container(OmegaConf.structured(cfg))),
     }
+
+
+def recorded_store(recorded: str, store: str) -> str:
+    """The store a run record names (its tracking_uri). A password there is masked, so then it
+    is `store`, this process's own (store_uri: tracking.uri, --tracking-uri, MLFLOW_TRACKING_URI),
+    if that is the same URI with the password. TrackingError naming both otherwise."""
+    if not is_masked(recorded):
+        return recorded
+    if redact(store) == recorded:
+        return store
+    raise TrackingError(
+        f"the run was logged to {recorded}, whose password is not written down, and this "
+        f"process's store is {redact(store)}. Fix: name that store with its password "
+        "(tracking.uri=..., --tracking-uri or MLFLOW_TRACKING_URI), or keep the password out of "
+        "the URI (MLFLOW_TRACKING_PASSWORD, ~/.pgpass: docs/SECURITY.md)"
+    )
