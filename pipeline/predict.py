@@ -11,14 +11,16 @@ are accepted (a .keras file in Keras' safe mode, an MLflow model's Keras/TensorF
 --trust-model admits the rest, e.g. an MLflow pyfunc model, whose loading runs its code as you.
 
 Any ordinary image works (PNG, JPEG, BMP, GIF, TIFF, WebP, PGM/PPM; no other format is opened,
-whatever the file's name; any size; dark ink on light paper or light on dark; colour, grey, or
-transparent, which is composited on white). pipeline.core.images turns it into what the model
-was trained on, the way MNIST was made: grey, light digit on black, cropped
-to the digit, scaled to fit a box keeping its aspect ratio, placed by its centre of mass on the
-model's square canvas, pixels scaled to [0, 1]. The canvas side comes from the model's input
-shape, in any of the usual layouts: flattened (784,), (28, 28) or (28, 28, 1) -> 28x28 MNIST,
-(64,), (8, 8) or (8, 8, 1) -> 8x8 scikit-learn digits; the model must give 10 class scores per
-image (logits are turned into probabilities).
+whatever the file's name; any size; dark ink on light paper or light on dark; colour, grey,
+16-bit, float or transparent, whatever colour the strokes; a photo of unevenly lit paper).
+pipeline.core.images turns it into what the model was trained on, the way MNIST was made: grey,
+light digit on black, the background subtracted, cropped to the digit, scaled to fit a box
+keeping its aspect ratio, placed by its centre of mass on the model's square canvas, pixels
+scaled to [0, 1]. A digit touching one edge of the image (or two that meet) may be cut off: its
+line carries a warning (`; warning: ...`, in --json a `warning` field). The canvas side comes
+from the model's input shape, in any of the usual layouts: flattened (784,), (28, 28) or
+(28, 28, 1) -> 28x28 MNIST, (64,), (8, 8) or (8, 8, 1) -> 8x8 scikit-learn digits; the model
+must give 10 class scores per image (logits are turned into probabilities).
 
 A batch never stops on one bad file: every input gets one line, in order, `<file>: <digit>
 (p=<probability>)` or `<file>: error: <problem>` (with --json, an entry with the prediction's
@@ -40,7 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.images import IMAGE_SUFFIXES, locate_digit, read_grey, to_model_input
+from pipeline.core.images import (
+    IMAGE_SUFFIXES,
+    Located,
+    locate_digit,
+    read_grey,
+    to_model_input,
+)
 from pipeline.infra.errors import InputError
 from pipeline.infra.model_loading import DEFAULT_MODEL, Model, check_model_exists, load_model
 from pipeline.infra.stage import run_command
@@ -101,17 +109,27 @@ class Prediction:
     digit: int
     probability: float
     probabilities: list[float]
+    warning: str | None = None  # e.g. the digit touches one edge of the image
 
     def line(self) -> str:
-        return f"{self.file}: {self.digit} (p={self.probability:.2f})"
+        answer = f"{self.file}: {self.digit} (p={self.probability:.2f})"
+        return f"{answer}; warning: {self.warning}" if self.warning else answer
 
 
-def classify(model: Model, pixels: np.ndarray, names: Sequence[str]) -> list[Prediction]:
-    """Predict prepared inputs (one flattened canvas per image) -> one Prediction per name.
-    Raises ModelError when the model does not answer 10 scores per image (Model.predict)."""
+def classify(
+    model: Model,
+    pixels: np.ndarray,
+    names: Sequence[str],
+    warnings: Sequence[str | None] | None = None,
+) -> list[Prediction]:
+    """Predict prepared inputs (one flattened canvas per image) -> one Prediction per name,
+    with its warning if any. Raises ModelError when the model does not answer 10 scores per
+    image (Model.predict)."""
     probabilities = model.predict(pixels)
     predictions = []
-    for name, row in zip(names, probabilities, strict=True):
+    for name, row, warning in zip(
+        names, probabilities, warnings or [None] * len(names), strict=True
+    ):
         digit = int(row.argmax())
         predictions.append(
             Prediction(
@@ -119,16 +137,22 @@ def classify(model: Model, pixels: np.ndarray, names: Sequence[str]) -> list[Pre
                 digit=digit,
                 probability=round(float(row[digit]), 6),
                 probabilities=[round(float(p), 6) for p in row],
+                warning=warning,
             )
         )
     return predictions
 
 
-def _located(path: Path) -> np.ndarray | Failure:
+def _located(path: Path) -> Located | Failure:
     try:
         return locate_digit(read_grey(path), str(path))
     except (InputError, OSError) as err:
         return _failure(path, err)
+
+
+def as_json(result: Prediction | Failure) -> dict:
+    """A result's JSON entry: its fields, without a warning it does not have."""
+    return {key: value for key, value in asdict(result).items() if value is not None}
 
 
 def predict_files(
@@ -149,8 +173,9 @@ def predict_files(
     if not usable:
         return [entry for entry in located if isinstance(entry, Failure)]
     loaded = load_model(model, tracking_uri, trust=trust_model)
-    pixels = np.stack([to_model_input(located[i], loaded.side) for i in usable])
-    predictions = classify(loaded, pixels, [str(items[i]) for i in usable])
+    pixels = np.stack([to_model_input(located[i].crop, loaded.side) for i in usable])
+    names = [str(items[i]) for i in usable]
+    predictions = classify(loaded, pixels, names, [located[i].warning for i in usable])
     answers = dict(zip(usable, predictions, strict=True))
     return [answers.get(i, entry) for i, entry in enumerate(located)]
 
@@ -196,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def predict_and_print() -> None:
         results = predict_files(args.inputs, args.model, args.tracking_uri, args.trust_model)
         if args.json:
-            print(json.dumps([asdict(result) for result in results], indent=2))
+            print(json.dumps([as_json(result) for result in results], indent=2))
         else:
             for result in results:
                 print(result.line())

@@ -184,3 +184,235 @@ def test_a_model_that_does_not_take_one_square_image_is_named_without_none(
     assert message.startswith(f"model {path} ")
     if kind != "image out":  # says what it takes
         assert "(28, 28, 1)" in message and "(784,)" in message, message
+
+
+# --------------------------------------------------------------------------- photos of paper
+
+PAPER, SHADE, PEN = 245.0, 190.0, 80.0  # grey levels: paper, its shaded side, a pen in a photo
+SHADOWED = 40  # test digits rendered per condition
+SHADOW_SLACK = 3  # of SHADOWED: shadowed paper may cost at most this many right answers
+
+
+def page(height: int, width: int, shade: float = SHADE, direction: int = 0) -> np.ndarray:
+    """A photographed page: PAPER on one side darkening linearly to `shade` on the other,
+    left to right (direction 0), top to bottom (1) or corner to corner (2)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    across = [xs / (width - 1), ys / (height - 1), (xs / (width - 1) + ys / (height - 1)) / 2]
+    return PAPER + (shade - PAPER) * across[direction % 3]
+
+
+def ink_on(paper: np.ndarray, ink: np.ndarray, top: int, left: int) -> np.ndarray:
+    """`ink` (0 paper .. 1 full pen) laid on the page at (top, left), the pen darkening it."""
+    out = paper.copy()
+    h, w = ink.shape
+    region = out[top : top + h, left : left + w]
+    out[top : top + h, left : left + w] = region + (PEN - region) * ink
+    return out
+
+
+def save_grey(pixels: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.round(np.clip(pixels, 0, 255)).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def digit_ink(digit: np.ndarray, size: int) -> np.ndarray:
+    """An 8x8 test digit (light on dark, [0, 1]) scaled smoothly to size x size, in [0, 1]."""
+    from PIL import Image
+
+    image = Image.fromarray(np.round(digit * 255).astype(np.uint8), mode="L")
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+
+
+def pen_seven(size: int, width: int = 5) -> np.ndarray:
+    """A '7' drawn with a round pen (PIL.ImageDraw), ink in [0, 1], with a margin of 10%."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    m = size // 10
+    draw.line([(m, m), (size - m, m), (size // 2 - m, size - m)], fill=255, width=width)
+    return np.asarray(canvas, np.float32) / 255
+
+
+def shaded_pages(height: int, width: int) -> dict[str, np.ndarray]:
+    """Pages lit unevenly in the ways photos are: linear shadows from 245 down to 190 or 150
+    across, along or corner to corner; a shadow's soft edge; a vignette (darker corners)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = xs / (width - 1), ys / (height - 1)
+    pages = {
+        f"{shade:.0f}-{d}": page(height, width, shade, d)
+        for shade in (SHADE, 150.0)
+        for d in range(3)
+    }
+    pages["soft edge"] = PAPER - (PAPER - SHADE) / (1 + np.exp(-(u - 0.5) * 20))
+    pages["vignette"] = PAPER - 70 * ((u - 0.5) ** 2 + (v - 0.5) ** 2) * 2
+    return pages
+
+
+def test_a_shadowed_page_is_cropped_to_the_digit_not_to_the_border(tmp_path: Path):
+    """Dark ink on unevenly lit paper: the crop is the pen's '7' (as on even paper), not the
+    page's shaded side; no border warning."""
+    from pipeline.core.images import locate_digit, read_grey
+
+    seven = pen_seven(60)
+    inked = seven > 0.5
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
+    expected = (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    for name, paper in {"even": page(140, 200, PAPER), **shaded_pages(140, 200)}.items():
+        path = save_grey(ink_on(paper, seven, 40, 70), tmp_path / f"{name}.png")
+        located = locate_digit(read_grey(path), name)
+        assert abs(located.crop.shape[0] - expected[0]) <= 2, (name, located.crop.shape)
+        assert abs(located.crop.shape[1] - expected[1]) <= 2, (name, located.crop.shape)
+        assert located.warning is None, (name, located.warning)
+
+
+def shadow_accuracy(trained: TrainedDigits, model, folder: Path, shade: float) -> int:
+    """How many of SHADOWED test digits, each on its own page (the shadow's direction and the
+    digit's place varying), the model gets right through predict's preprocessing."""
+    from pipeline.core.images import prepare_image
+
+    folder.mkdir()
+    files = []
+    for i in range(SHADOWED):
+        pixels = ink_on(
+            page(120, 160, shade, i),
+            digit_ink(trained.test_images[i], 56),
+            20 + i % 40,
+            20 + (i * 7) % 80,
+        )
+        files.append(save_grey(pixels, folder / f"{i:02d}.png"))
+    found = model.predict(np.stack([prepare_image(f, model.side) for f in files])).argmax(axis=1)
+    return int((found == trained.test_labels[:SHADOWED]).sum())
+
+
+def test_digits_on_shadowed_paper_are_recognised_as_on_even_paper(
+    trained_digits: TrainedDigits, tmp_path: Path
+):
+    model = load_model(trained_digits.model)
+    even = shadow_accuracy(trained_digits, model, tmp_path / "even", PAPER)
+    shadowed = shadow_accuracy(trained_digits, model, tmp_path / "shadowed", SHADE)
+    assert even >= 0.85 * SHADOWED, even
+    assert shadowed >= even - SHADOW_SLACK, (shadowed, even)
+
+
+# --------------------------------------------------------------------------- transparency
+
+
+def canvas_export(ink: np.ndarray, path: Path, colour: tuple[int, int, int]) -> Path:
+    """A web canvas export: strokes of one colour, the drawing only in the alpha channel, on a
+    fully transparent (0, 0, 0, 0) background."""
+    from PIL import Image
+
+    alpha = np.round(ink * 255).astype(np.uint8)
+    rgba = np.zeros((*ink.shape, 4), dtype=np.uint8)
+    rgba[alpha > 0, :3] = colour
+    rgba[..., 3] = alpha
+    Image.fromarray(rgba, mode="RGBA").save(path)
+    return path
+
+
+@pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 0), (200, 30, 30)], ids=str)
+def test_a_canvas_export_is_read_from_its_alpha_whatever_the_stroke_colour(
+    colour: tuple[int, int, int], trained_digits: TrainedDigits, tmp_path: Path
+):
+    """White (or black, or red) strokes on a transparent canvas give the same model input as
+    the same digit drawn light on dark, and are recognised."""
+    from pipeline.core.images import prepare_image
+
+    model = load_model(trained_digits.model)
+    rows, reference = [], []
+    for i in range(20):
+        ink = digit_ink(trained_digits.test_images[i], 64)
+        rows.append(prepare_image(canvas_export(ink, tmp_path / f"{i}.png", colour), 8))
+        reference.append(prepare_image(save_grey(ink * 255, tmp_path / f"{i}-grey.png"), 8))
+    np.testing.assert_allclose(rows, reference, atol=0.02)
+    found = model.predict(np.stack(rows)).argmax(axis=1)
+    assert (found == trained_digits.test_labels[:20]).sum() >= 16, found
+
+
+def test_a_pen_drawn_canvas_export_is_answered_by_the_cli(
+    trained_digits: TrainedDigits, tmp_path: Path
+):
+    seven = canvas_export(pen_seven(120, 9), tmp_path / "canvas.png", (255, 255, 255))
+    result = run_predict(str(seven), "--model", str(trained_digits.model), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{seven}: "), result.stdout
+    assert "error" not in result.stdout and "no digit" not in result.stdout
+
+
+# --------------------------------------------------------------------------- a digit at the edge
+
+
+def test_a_digit_cut_by_one_edge_is_answered_with_a_warning(
+    trained_digits: TrainedDigits, tmp_path: Path
+):
+    """A digit running off the page's right edge: answered, with a warning on its line (and in
+    its JSON entry); a tight crop (the digit spanning the whole height) gets none."""
+    ink = digit_ink(trained_digits.test_images[0], 56)
+    cut = save_grey(ink_on(page(100, 130), ink, 20, 70)[:, :100], tmp_path / "cut.png")
+    rows, cols = np.flatnonzero((ink > 0.5).any(axis=1)), np.flatnonzero((ink > 0.5).any(axis=0))
+    inked = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # touching all four edges
+    tight = save_grey(255 - inked * 225, tmp_path / "tight.png")
+    result = run_predict(str(cut), str(tight), "--model", str(trained_digits.model), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    cut_line, tight_line = result.stdout.splitlines()
+    assert cut_line.startswith(f"{cut}: ") and "warning: " in cut_line, cut_line
+    assert "right edge" in cut_line, cut_line
+    assert "warning" not in tight_line, tight_line
+    entries = parse_json(
+        run_predict(
+            str(cut), str(tight), "--model", str(trained_digits.model), "--json", cwd=tmp_path
+        )
+    )
+    assert "right edge" in entries[0]["warning"] and "warning" not in entries[1], entries
+
+
+# --------------------------------------------------------------------------- pixel modes
+
+
+def _modes(image) -> dict[str, tuple[object, str]]:
+    """One grey drawing (white paper, a black bar, a mid-grey square) in the pixel modes and
+    value conventions the documented formats carry: (image, format) by name."""
+    from PIL import Image
+
+    grey = np.asarray(image, dtype=np.float32)
+    rgba = image.convert("RGBA")
+    transparent_p = image.convert("P")
+    transparent_p.info["transparency"] = 255  # no pixel is exactly 255 in the palette's use
+    return {
+        "L png": (image, "PNG"),
+        "LA png": (image.convert("LA"), "PNG"),
+        "P gif": (image.convert("P"), "GIF"),
+        "RGBA webp (lossless)": (rgba, "WEBP"),
+        "I;16 png": (Image.fromarray((grey * 257).astype(np.uint16)), "PNG"),
+        "I;16 tiff": (Image.fromarray((grey * 257).astype(np.uint16)), "TIFF"),
+        "I tiff": (image.convert("I"), "TIFF"),
+        "F tiff in [0, 1]": (Image.fromarray(grey / 255, mode="F"), "TIFF"),
+        "F tiff in [0, 255]": (Image.fromarray(grey, mode="F"), "TIFF"),
+        "CMYK tiff": (image.convert("CMYK"), "TIFF"),
+        "LAB tiff": (image.convert("RGB").convert("LAB"), "TIFF"),
+        "YCbCr tiff": (image.convert("RGB").convert("YCbCr"), "TIFF"),
+        "RGB ppm": (image.convert("RGB"), "PPM"),
+        "CMYK jpeg": (image.convert("CMYK"), "JPEG"),
+    }
+
+
+def test_every_pixel_mode_is_read_as_the_picture_it_shows(tmp_path: Path):
+    """16-bit, 32-bit, float in [0, 1] or [0, 255], CMYK (JPEG's inverted Adobe convention
+    too), CIELAB, YCbCr, palette, grey with alpha: all read as the same grey levels."""
+    from PIL import Image
+
+    from pipeline.core.images import read_grey
+
+    drawing = Image.new("L", (60, 60), 255)
+    drawing.paste(0, (10, 10, 20, 50))
+    drawing.paste(128, (30, 20, 50, 40))
+    reference = np.asarray(drawing, dtype=np.float32)
+    for name, (image, fmt) in _modes(drawing).items():
+        path = tmp_path / f"{name.split()[0]}-{fmt}.{fmt.lower()}"
+        image.save(path, fmt, **{"WEBP": {"lossless": True}, "JPEG": {"quality": 95}}.get(fmt, {}))
+        grey = read_grey(path)
+        tolerance = 6 if fmt == "JPEG" else 2  # JPEG: its ringing at the bar's edges
+        assert np.abs(grey - reference).max() <= tolerance, (name, grey[::10, ::10])

@@ -4,14 +4,16 @@ was made (the MNIST database's description, yann.lecun.com/exdb/mnist: each digi
 canvas).
 
 Any ordinary image works (PNG, JPEG, BMP, GIF, TIFF, WebP, PGM/PPM: FORMATS; any size; dark ink
-on light paper or light on dark; colour, grey, or transparent, which is composited on white).
-The result is grey, light digit on black, pixels in [0, 1], flattened: side*side float32 values
-for a side x side canvas.
+on light paper or light on dark; colour, grey, 16-bit, float, or transparent). A photo's paper
+may be unevenly lit: the background is a smooth surface fitted to the image's border, not one
+level. The result is grey, light digit on black, pixels in [0, 1], flattened: side*side float32
+values for a side x side canvas.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,8 @@ MAX_MEGAPIXELS = 50
 # A digit is at least this many grey levels (of 255) darker or lighter than the background;
 # less is a blank page, sensor noise or JPEG artefacts.
 MIN_CONTRAST = 32.0
+# A border pixel this many grey levels above the fitted background is ink, whatever the noise.
+MIN_TRIM = 3.0
 # Of the ink's peak: pixels above BOX_LEVEL bound the digit; those below NOISE_LEVEL are zeroed.
 BOX_LEVEL = 0.15
 NOISE_LEVEL = 0.05
@@ -47,19 +51,51 @@ CROP_CAP = 256
 DIGIT_BOX = {28: 20, 8: 8}
 
 
-def _to_grey(image) -> np.ndarray:
-    """float32 grey levels 0..255; transparency composited on white."""
-    from PIL import Image
+def _composited(image) -> np.ndarray:
+    """Grey levels 0..255 of an image with transparency, composited on white paper; or on black
+    when every visible pixel is nearly one light colour (a spread under MIN_CONTRAST, weighted
+    by opacity): then the drawing lives only in the alpha channel, as in a web canvas's export
+    of white strokes on a transparent background, and white paper would hide it."""
+    la = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32)
+    grey, alpha = la[..., 0], la[..., 1] / np.float32(255)
+    paper = np.float32(255)
+    weight = float(alpha.sum())
+    if weight > 0:
+        mean = float((grey * alpha).sum()) / weight
+        spread = (float(((grey - mean) ** 2 * alpha).sum()) / weight) ** 0.5
+        if spread < MIN_CONTRAST and mean > 127.5:
+            paper = np.float32(0)
+    return grey * alpha + paper * (1 - alpha)
 
+
+def _lightness_to_grey(lightness: np.ndarray) -> np.ndarray:
+    """CIELAB lightness L* (stored 0..255 for 0..100) -> the sRGB grey level 0..255 of the
+    neutral colour with that lightness (CIE 1976 L* inverted to luminance Y, then the sRGB
+    transfer function, IEC 61966-2-1)."""
+    star = lightness * np.float32(100 / 255)
+    luminance = np.where(star > 8, ((star + 16) / 116) ** 3, star / np.float32(903.3))
+    srgb = np.where(
+        luminance <= 0.0031308, 12.92 * luminance, 1.055 * luminance ** (1 / 2.4) - 0.055
+    )
+    return (np.clip(srgb, 0, 1) * 255).astype(np.float32)
+
+
+def _to_grey(image) -> np.ndarray:
+    """float32 grey levels 0..255, whatever the mode: 16-bit scaled from 0..65535, 32-bit
+    integers by their peak when over 255, floats in [0, 1] by 255, CIELAB by its lightness
+    (_lightness_to_grey), transparency composited (_composited)."""
     if image.mode.startswith("I;16"):
         return np.asarray(image, dtype=np.float32) / np.float32(257)
     if image.mode in ("I", "F"):
         grey = np.asarray(image, dtype=np.float32)
         peak = float(grey.max(initial=0))
+        if image.mode == "F" and peak <= 1:
+            return grey * np.float32(255)
         return grey * np.float32(255 / peak) if peak > 255 else grey
+    if image.mode == "LAB":
+        return _lightness_to_grey(np.asarray(image.getchannel("L"), dtype=np.float32))
     if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return _composited(image)
     return np.asarray(image.convert("L"), dtype=np.float32)
 
 
@@ -112,28 +148,103 @@ def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), resample), dtype=np.float32)
 
 
-def locate_digit(grey: np.ndarray, name: str = "image") -> np.ndarray:
+def _spread(values: np.ndarray) -> float:
+    """A robust standard deviation: 1.4826 x the median absolute deviation (equal to the standard
+    deviation for normal noise, unmoved by a minority of outliers)."""
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+
+
+def _background(grey: np.ndarray) -> np.ndarray:
+    """The background's level under every pixel of a light-ink-on-dark image, float32.
+
+    A page lit unevenly (a shadow's soft edge, a gradient, a vignette) varies smoothly, so its
+    border describes it, where one level, the border's median, cannot (issue #17: a page going
+    from 245 to 190 made the shaded side pass as ink). This is the quadratic surface
+    a + bx + cy + dx^2 + ey^2 + fxy fitted by least squares to the border pixels, leaving out,
+    refit after refit, those above it by more than three robust standard deviations (_spread)
+    of the fitted ones' residuals, or MIN_TRIM levels: ink reaching the border. Inside, it is
+    kept within the fitted levels' range widened by that range on each side (no wild
+    extrapolation). When one level describes the fitted border pixels as well (their spread
+    within half a grey level of the surface's), the background is that level, their median:
+    an evenly lit image is treated exactly as before."""
+    height, width = grey.shape
+    y = np.linspace(0, 1, height, dtype=np.float32)
+    x = np.linspace(0, 1, width, dtype=np.float32)
+    ys = np.concatenate([np.zeros(width), np.ones(width), y, y])
+    xs = np.concatenate([x, x, np.zeros(height), np.ones(height)])
+    values = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).astype(np.float64)
+    terms = np.stack([np.ones_like(xs), xs, ys, xs**2, ys**2, xs * ys], axis=1).astype(np.float64)
+    fitted = values <= np.median(values) + MIN_CONTRAST / 2
+    for _ in range(20):
+        coef = np.linalg.lstsq(terms[fitted], values[fitted], rcond=None)[0]
+        residuals = values - terms @ coef
+        spread = _spread(residuals[fitted])
+        again = residuals <= max(3 * spread, MIN_TRIM)
+        if (again == fitted).all() or again.sum() < len(coef):
+            break
+        fitted = again
+    paper = values[fitted]
+    if _spread(paper) <= spread + 0.5:
+        return np.full(grey.shape, np.median(paper), dtype=np.float32)
+    a, b, c, d, e, f = coef.astype(np.float32)
+    surface = (a + c * y + e * y**2)[:, None] + (b * x + d * x**2 + f * y[:, None] * x)
+    low, high = float(paper.min()), float(paper.max())
+    return np.clip(surface, 2 * low - high, 2 * high - low)
+
+
+@dataclass(frozen=True)
+class Located:
+    """A digit found in an image: `crop` light ink on black in [0, 1], cropped to its bounding
+    box; `edges` the image's edges it touches ("top", "bottom", "left", "right")."""
+
+    crop: np.ndarray
+    edges: tuple[str, ...] = ()
+
+    @property
+    def warning(self) -> str | None:
+        """A digit touching one edge, or two that meet, may be cut off by the image's frame; one
+        spanning the whole height or width is a tight crop (no warning)."""
+        touched = set(self.edges)
+        if not touched or {"top", "bottom"} <= touched or {"left", "right"} <= touched:
+            return None
+        names = " and ".join(self.edges)
+        plural = "s" if len(self.edges) > 1 else ""
+        return f"the digit touches the {names} edge{plural} of the image: it may be cut off"
+
+
+def locate_digit(grey: np.ndarray, name: str = "image") -> Located:
     """The digit as light ink on black in [0, 1], cropped to its bounding box (longer side at
-    most CROP_CAP pixels). The background is what the border pixels mostly are: a light one is
-    inverted, then subtracted. Raises InputError (naming `name`) if there is no digit."""
+    most CROP_CAP pixels), and the image edges it touches. A light background (the border's
+    median over 127.5) is inverted; the background (_background) is subtracted. Raises
+    InputError (naming `name`) if there is no digit."""
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    background = float(np.median(border))
-    if background > 127.5:
-        grey, background = 255 - grey, 255 - background
-    ink = np.clip(grey - background, 0, None)
+    if float(np.median(border)) > 127.5:
+        grey = 255 - grey
+    ink = np.clip(grey - _background(grey), 0, None)
     peak = float(ink.max(initial=0))
     if peak < MIN_CONTRAST:
         raise InputError(f"{name}: no digit found (the image is blank or has no contrast)")
     ink /= peak
     rows = np.flatnonzero((ink > BOX_LEVEL).any(axis=1))
     cols = np.flatnonzero((ink > BOX_LEVEL).any(axis=0))
+    height, width = ink.shape
+    edges = tuple(
+        edge
+        for edge, touches in (
+            ("top", rows[0] == 0),
+            ("bottom", rows[-1] == height - 1),
+            ("left", cols[0] == 0),
+            ("right", cols[-1] == width - 1),
+        )
+        if touches
+    )
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     crop = np.where(crop < NOISE_LEVEL, 0, crop).astype(np.float32)
     height, width = crop.shape
     if max(height, width) > CROP_CAP:
         scale = CROP_CAP / max(height, width)
         crop = _resize(crop, max(1, round(width * scale)), max(1, round(height * scale)))
-    return crop
+    return Located(crop=crop, edges=edges)
 
 
 def digit_box(side: int) -> int:
@@ -165,4 +276,4 @@ def to_model_input(crop: np.ndarray, side: int) -> np.ndarray:
 
 def prepare_image(path: Path, side: int) -> np.ndarray:
     """An image file as the model's input: side*side float32 pixels in [0, 1]."""
-    return to_model_input(locate_digit(read_grey(path), str(path)), side)
+    return to_model_input(locate_digit(read_grey(path), str(path)).crop, side)
