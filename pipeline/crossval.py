@@ -102,7 +102,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
         with store_errors(cfg, f"{out_root / paths.METRICS_DIR / 'crossval.json'}, {plots_dir}"):
             mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
-        write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, cfg))
+        write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, cfg, dataset_sha))
     log.info(
         "%d-fold accuracy %.4f ± %.4f", cfg.folds, metrics["accuracy_mean"], metrics["accuracy_std"]
     )

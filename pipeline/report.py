@@ -56,7 +56,7 @@ def read_inputs(root: Path) -> ReportInputs:
     with open(_require(plots / "train" / "predictions.csv"), encoding="utf-8") as f:
         rows = [(int(r["actual"]), int(r["predicted"])) for r in csv.DictReader(f)]
     actual, predicted = (np.array(column, dtype=int) for column in zip(*rows, strict=True))
-    return ReportInputs(
+    inputs = ReportInputs(
         summary=read_json(_require(prepared / "summary.json")),
         train_metrics=read_json(_require(root / paths.METRICS_DIR / "train.json")),
         crossval_metrics=read_json(_require(root / paths.METRICS_DIR / "crossval.json")),
@@ -72,6 +72,56 @@ def read_inputs(root: Path) -> ReportInputs:
             "boxplot": _require(plots / "crossval" / "boxplot.png"),
         },
     )
+    check_same_data(inputs)
+    return inputs
+
+
+def check_same_data(inputs: ReportInputs) -> None:
+    """Refuse outputs of train or crossval made on other data than data/prepared/ now holds
+    (their run records' dataset_sha256 against summary.json's sha256), and predictions of
+    another test split (rows of predictions.csv against test.npz's images): after `train` on
+    digits, then `fetch` and `preprocess` of MNIST, the report would title digits' numbers
+    "mnist" and log itself to the digits run. DataError naming what differs and the fix."""
+    prepared = inputs.summary["sha256"]
+    summary_path = paths.PREPARED_DIR / "summary.json"
+    for stage, record in (("train", inputs.train_run), ("crossval", inputs.crossval_run)):
+        path, used = paths.RUNS_DIR / f"{stage}.json", record.get("dataset_sha256")
+        fix = f"Fix: re-run {stage} (`dvc repro`, or `python -m pipeline.{stage}`)"
+        if used is None:
+            raise DataError(
+                f"{path} names no prepared data (an older version wrote it), so it may be of "
+                f"other data than {summary_path}. {fix}"
+            )
+        if used != prepared:
+            raise DataError(
+                f"{path} is a run on other data ({record['config']['dataset']['name']}, sha256 "
+                f"{used[:16]}…) than {summary_path} ({inputs.summary['dataset']}, sha256 "
+                f"{prepared[:16]}…). {fix}"
+            )
+    if len(inputs.predicted) != len(inputs.test_images):
+        raise DataError(
+            f"{paths.PLOTS_DIR / 'train' / 'predictions.csv'} has {len(inputs.predicted)} rows "
+            f"but the test split has {len(inputs.test_images)} images "
+            f"({paths.PREPARED_DIR / 'test.npz'}): they are of other data. Fix: re-run train "
+            "(`dvc repro`, or `python -m pipeline.train`)"
+        )
+
+
+# Settings that are one stage's own or the plumbing's: a difference there is no other model.
+NOT_THE_MODEL = ("dataset.", "tracking.", "crossval.", "folds", "threads", "validation_split")
+
+
+def config_differences(trained: dict, validated: dict) -> list[str]:
+    """The settings of the model and its training that differ between train's config and
+    crossval's (dotted keys, sorted), as "<key> <crossval's value> (train <train's value>)"."""
+    from pipeline.infra.tracking import flatten
+
+    ours, theirs = flatten(trained), flatten(validated)
+    return [
+        f"{key} {theirs.get(key)} (train {ours.get(key)})"
+        for key in sorted(ours.keys() | theirs.keys())
+        if not key.startswith(NOT_THE_MODEL) and ours.get(key) != theirs.get(key)
+    ]
 
 
 def confusion(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -122,6 +172,16 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
 
     tm, cv, summary = inputs.train_metrics, inputs.crossval_metrics, inputs.summary
     trained = inputs.train_run["config"]
+    # Both ran on this data (check_same_data); other settings make crossval's numbers those of
+    # another model than the one shown, which is worth saying but not refusing.
+    differences = config_differences(trained, inputs.crossval_run["config"])
+    warning = (
+        f"cross-validation ran another config than train: {', '.join(differences)}; its "
+        "numbers are not those of the model shown (re-run crossval with train's config)"
+    )
+    if differences:
+        log.warning("%s", warning)
+    mismatch = [Text(f"**Warning: {warning}.**")] if differences else []
     fold_rows = [[k, f"{v:.4f}"] for k, v in cv["fold_accuracy"].items()]
     fold_rows += [["mean", f"{cv['accuracy_mean']:.4f}"], ["std", f"{cv['accuracy_std']:.4f}"]]
     data_rows = [
@@ -185,6 +245,7 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
                     f"{len(cv['fold_accuracy'])}-fold accuracy {cv['accuracy_mean']:.4f} ± "
                     f"{cv['accuracy_std']:.4f} (a new model per fold)"
                 ),
+                *mismatch,
                 Table(["fold", "accuracy"], fold_rows),
                 Image(figures["curves"], "fold curves"),
                 Image(figures["boxplot"], "fold accuracy boxplot"),

@@ -107,7 +107,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
                     input_example=sample,
                     pip_requirements=model_requirements(),
                 )
-        write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, cfg))
+        write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, cfg, dataset_sha))
     log.info(
         "test accuracy %.4f, loss %.4f (%.1f s, run %s)",
         metrics["test_accuracy"],

@@ -76,6 +76,8 @@ def test_parent_run_finished_and_tagged(cv: CrossValidated, prepared: Path):
     assert parent.data.tags["stage"] == "crossval"
     summary = json.loads((prepared / "summary.json").read_text())
     assert parent.data.tags["dataset_sha256"] == summary["sha256"]
+    record = json.loads((cv.out / "runs" / "crossval.json").read_text())
+    assert record["dataset_sha256"] == summary["sha256"]  # the report refuses other data
     assert parent.data.params["folds"] == str(FOLDS)
     assert parent.data.params["epochs"] == str(EPOCHS)
 

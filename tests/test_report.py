@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from pipeline.core.plots import fold_boxplot, history_curves
 from pipeline.infra import paths
 from pipeline.infra.config import Config, ModelConfig
 from pipeline.infra.errors import DataError
-from pipeline.infra.files import write_json
+from pipeline.infra.files import read_json, write_json
 from pipeline.report import ReportInputs, build_report, confusion, read_inputs
 
 EMBEDDED = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
@@ -131,7 +132,11 @@ def _summary() -> dict:
 
 
 def _inputs(figures: dict[str, Path], predicted: np.ndarray = PREDICTED) -> ReportInputs:
-    run = {"tracking_uri": "sqlite:////somewhere/mlflow.db", "config": _train_config()}
+    run = {
+        "tracking_uri": "sqlite:////somewhere/mlflow.db",
+        "dataset_sha256": _summary()["sha256"],
+        "config": _train_config(),
+    }
     return ReportInputs(
         summary=_summary(),
         train_metrics={
@@ -409,7 +414,7 @@ def test_report_logs_both_files_to_the_train_run(
     train_run = {"run_id": run.info.run_id, "experiment_id": experiment, "tracking_uri": uri}
     write_json(
         stage_outputs / paths.RUNS_DIR / "train.json",
-        {**train_run, "config": _train_config()},
+        {**train_run, "dataset_sha256": _summary()["sha256"], "config": _train_config()},
     )
 
     html_path = report(stage_outputs, stage_outputs / paths.REPORTS_DIR)
@@ -418,3 +423,93 @@ def test_report_logs_both_files_to_the_train_run(
     assert run.info.run_id in html_path.read_text(encoding="utf-8")
     logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "report"))
     assert logged == ["report/report.html", "report/report.md"]
+
+
+# --------------------------------------------------------------------------- mixed-up inputs
+
+OTHER_SHA = "cd" * 32
+
+
+def _report_cli(root: Path) -> subprocess.CompletedProcess[str]:
+    """The report stage as dvc.yaml runs it, on the digits outputs written under root."""
+    return run_module(
+        "pipeline.report", "--config-dir", str(PROJECT_ROOT), "--config-name", "params",
+        "dataset.name=digits", cwd=root, timeout=120,
+    )  # fmt: skip
+
+
+def _edit_record(root: Path, stage: str, **changes: object) -> None:
+    record = read_json(root / paths.RUNS_DIR / f"{stage}.json")
+    write_json(root / paths.RUNS_DIR / f"{stage}.json", {**record, **changes})
+
+
+def _refused(done: subprocess.CompletedProcess[str], root: Path) -> str:
+    """The one error line of a report that refused before writing anything."""
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "error: " in line]
+    assert not (root / paths.REPORTS_DIR).exists()
+    return line
+
+
+@pytest.mark.parametrize("stage", ["train", "crossval"])
+def test_report_refuses_a_run_on_other_data(stage_outputs: Path, stage: str) -> None:
+    """Train (or crossval) ran on digits, then MNIST was prepared: the report would title MNIST
+    with digits' numbers and log itself to the digits run."""
+    _edit_record(stage_outputs, stage, dataset_sha256=OTHER_SHA)
+    line = _refused(_report_cli(stage_outputs), stage_outputs)
+    assert f"runs/{stage}.json" in line
+    assert OTHER_SHA[:16] in line and "ab" * 8 in line  # both data, by their sha256
+    assert "data/prepared/summary.json" in line
+    assert "dvc repro" in line and f"pipeline.{stage}" in line
+
+
+def test_report_refuses_a_run_record_that_names_no_data(stage_outputs: Path) -> None:
+    """A record of an older version, without the prepared data's sha256, cannot be checked."""
+    record = read_json(stage_outputs / paths.RUNS_DIR / "train.json")
+    del record["dataset_sha256"]
+    write_json(stage_outputs / paths.RUNS_DIR / "train.json", record)
+    line = _refused(_report_cli(stage_outputs), stage_outputs)
+    assert "runs/train.json" in line and "names no prepared data" in line
+    assert "dvc repro" in line
+
+
+def test_report_refuses_predictions_of_another_test_split(stage_outputs: Path) -> None:
+    csv_path = stage_outputs / paths.PLOTS_DIR / "train" / "predictions.csv"
+    rows = csv_path.read_text(encoding="utf-8").splitlines()
+    csv_path.write_text("\n".join(rows[:-2]) + "\n", encoding="utf-8")  # 10 of 12
+    line = _refused(_report_cli(stage_outputs), stage_outputs)
+    assert "predictions.csv has 10 rows" in line and "test split has 12 images" in line
+    assert "dvc repro" in line and "pipeline.train" in line
+
+
+def test_report_warns_when_crossval_ran_another_config(
+    stage_outputs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Same data, other settings: both results are right for what each ran, so the report is
+    made, with a warning line that names the settings that differ."""
+    from mlflow import MlflowClient
+
+    uri = new_store(tmp_path_factory, stage_outputs)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(
+        "report-test", artifact_location=(stage_outputs / "artifacts").as_uri()
+    )
+    run_id = client.create_run(experiment).info.run_id
+    _edit_record(stage_outputs, "train", run_id=run_id, tracking_uri=uri)
+    other = _train_config()
+    other["width"], other["model"]["depth"], other["folds"] = 64, 2, 3
+    _edit_record(stage_outputs, "crossval", config=other)
+
+    done = _report_cli(stage_outputs)
+
+    assert done.returncode == 0, done.stderr
+    warning = (
+        "cross-validation ran another config than train: "
+        "model.depth 2 (train 1), width 64 (train 48);"
+    )
+    assert f"WARNING] - {warning}" in done.stdout  # the log line
+    for name in ("report.html", "report.md"):
+        text = (stage_outputs / paths.REPORTS_DIR / name).read_text(encoding="utf-8")
+        assert warning in text, name
+        assert "folds" not in text.split(warning)[1].split("\n")[0]  # crossval's own setting

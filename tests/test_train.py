@@ -232,8 +232,10 @@ def test_evaluate_matches_keras_loss_and_accuracy(trained: Trained, test_split):
     assert evaluate(labels, certain)["loss"] == pytest.approx(float(np.mean(keras_loss)), rel=1e-6)
 
 
-def test_run_record_points_at_the_run(trained: Trained):
+def test_run_record_points_at_the_run(trained: Trained, prepared: Path):
     record = json.loads((trained.out / "runs" / "train.json").read_text())
+    summary = json.loads((prepared / "summary.json").read_text())
+    assert record["dataset_sha256"] == summary["sha256"]  # the report refuses other data
     assert record["run_id"] == trained.run.info.run_id
     assert record["experiment_id"] == trained.run.info.experiment_id
     assert record["tracking_uri"] == trained.uri

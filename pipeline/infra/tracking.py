@@ -352,14 +352,16 @@ def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
         yield run
 
 
-def run_record(run: Any, cfg: Config) -> dict[str, Any]:
+def run_record(run: Any, cfg: Config, dataset_sha256: str) -> dict[str, Any]:
     """What to write next to the outputs so a user (and the report) can find the run again,
-    with the resolved config the run used. Passwords are masked (credentials.redact): a reader
-    finds the store again with recorded_store."""
+    with the SHA-256 of the prepared data it ran on (summary.json's, by which the report refuses
+    outputs of other data) and the resolved config the run used. Passwords are masked
+    (credentials.redact): a reader finds the store again with recorded_store."""
     return {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
         "tracking_uri": redact(tracking_uri(cfg)),
+        "dataset_sha256": dataset_sha256,
         "config": redacted(OmegaConf.to_container(OmegaConf.structured(cfg))),
     }
 
