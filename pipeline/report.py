@@ -276,17 +276,30 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
 def report(root: Path, out_dir: Path, tracking_uri: str | None = None) -> Path:
     """Build the report from root's stage outputs and log it to the train run in MLflow, in the
     store runs/train.json names (with a masked password: this stage's store, `tracking_uri` by
-    tracking.store_uri's rule, if it is the same store)."""
-    from mlflow import MlflowClient
-
-    from pipeline.infra.tracking import recorded_store, store_uri
+    tracking.store_uri's rule, if it is the same store). A missing sqlite store or an
+    unreachable server is a TrackingError (tracking.check_store: no empty store created, no
+    minutes of retries), as is a store failing while logging (tracking.logging_errors); the
+    report files are kept, and the message names them and how to log them again."""
+    from pipeline.infra.tracking import check_store, logging_errors, recorded_store, store_uri
 
     inputs = read_inputs(root)
     store = recorded_store(inputs.train_run["tracking_uri"], store_uri(tracking_uri))
     html_path, md_path = build_report(inputs, out_dir)
+    log_again = (
+        "re-run the report (`dvc repro` or `python -m pipeline.report`) to log the saved "
+        f"{html_path} and {md_path}"
+    )
+    check_store(
+        store,
+        f"put back the store train logged to, or re-run train (`dvc repro`); then {log_again}",
+        f"then {log_again}",
+    )
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=store)
-    for path in (html_path, md_path):
-        client.log_artifact(inputs.train_run["run_id"], str(path), artifact_path="report")
+    with logging_errors(store, f"{html_path}, {md_path}"):
+        for path in (html_path, md_path):
+            client.log_artifact(inputs.train_run["run_id"], str(path), artifact_path="report")
     log.info("wrote %s (logged to MLflow run %s)", html_path, inputs.train_run["run_id"])
     return html_path
 

@@ -12,6 +12,7 @@ import base64
 import csv
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -513,3 +514,42 @@ def test_report_warns_when_crossval_ran_another_config(
         text = (stage_outputs / paths.REPORTS_DIR / name).read_text(encoding="utf-8")
         assert warning in text, name
         assert "folds" not in text.split(warning)[1].split("\n")[0]  # crossval's own setting
+
+
+# --------------------------------------------------------------------------- store failures
+
+
+def _saved_but_not_logged(done: subprocess.CompletedProcess[str], root: Path) -> str:
+    """The one error line of a report that was written but could not be logged."""
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "error: " in line]
+    for name in ("report.html", "report.md"):
+        assert (root / paths.REPORTS_DIR / name).stat().st_size > 0
+    assert "reports/report.html" in line and "re-run the report" in line
+    return line
+
+
+def test_report_to_a_missing_store_saves_the_report_and_creates_no_store(
+    stage_outputs: Path, tmp_path: Path
+) -> None:
+    """MlflowClient would create an empty store there and fail on the unknown run."""
+    missing = tmp_path / "gone" / "mlflow.db"
+    missing.parent.mkdir()
+    _edit_record(stage_outputs, "train", tracking_uri=f"sqlite:///{missing}")
+    line = _saved_but_not_logged(_report_cli(stage_outputs), stage_outputs)
+    assert f"MLflow store sqlite:///{missing} does not exist" in line
+    assert not missing.exists()
+
+
+def test_report_to_an_unreachable_server_fails_within_seconds(
+    stage_outputs: Path, closed_port: int
+) -> None:
+    """Not MLflow's urllib3 retries (over 90 s)."""
+    uri = f"http://127.0.0.1:{closed_port}"
+    _edit_record(stage_outputs, "train", tracking_uri=uri)
+    started = time.monotonic()
+    done = _report_cli(stage_outputs)
+    assert time.monotonic() - started < 45  # the command's start-up included
+    line = _saved_but_not_logged(done, stage_outputs)
+    assert f"MLflow tracking server {uri} is unreachable" in line

@@ -98,13 +98,18 @@ def check_server(
         ) from None
 
 
-def check_store(uri: str, fix: str) -> None:
+def check_store(
+    uri: str,
+    fix: str,
+    server_fix: str = "or name another store with --tracking-uri or MLFLOW_TRACKING_URI",
+) -> None:
     """Fail with a clear message instead of letting MLflow create an empty sqlite store, or
-    retry an unreachable server for minutes. `fix`: what creates the missing store."""
+    retry an unreachable server for minutes. `fix`: what creates the missing store;
+    `server_fix`: what else to do than start an unreachable server ("Start it, <server_fix>.")."""
     if uri.startswith(SQLITE_PREFIX) and not Path(uri[len(SQLITE_PREFIX) :]).is_file():
         raise TrackingError(f"MLflow store {uri} does not exist. Fix: {fix}")
     if uri.startswith(("http://", "https://")):
-        check_server(uri, "or name another store with --tracking-uri or MLFLOW_TRACKING_URI")
+        check_server(uri, server_fix)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -268,9 +273,9 @@ def _ended_with_status() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def store_errors(cfg: Config, saved: str) -> Iterator[None]:
-    """Turn a failure of the MLflow store while logging results into a TrackingError that says
-    the results are safe on disk (`saved`) and how to log them again."""
+def logging_errors(store: str, saved: str) -> Iterator[None]:
+    """Turn a failure of the MLflow store `store` while logging results into a TrackingError
+    that says the results are safe on disk (`saved`) and how to log them again."""
     try:
         yield
     except Exception as err:
@@ -278,9 +283,16 @@ def store_errors(cfg: Config, saved: str) -> Iterator[None]:
             raise
         raise TrackingError(
             f"the results are saved ({saved}) but logging them to MLflow at "
-            f"{tracking_uri(cfg)} failed: {first_line(err)}. Re-run the stage once the "
+            f"{store} failed: {first_line(err)}. Re-run the stage once the "
             "store is reachable (`dvc repro` re-runs it, as it did not finish) to log them again."
         ) from None
+
+
+@contextlib.contextmanager
+def store_errors(cfg: Config, saved: str) -> Iterator[None]:
+    """logging_errors for the store a stage logs to (tracking_uri)."""
+    with logging_errors(tracking_uri(cfg), saved):
+        yield
 
 
 # MLflow keeps at most 36 characters of a dataset digest (MAX_DATASET_DIGEST_SIZE); the full
