@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.infra import paths
+from pipeline.infra.credentials import redact
 from pipeline.infra.errors import PipelineError, TrackingError, first_line
 from pipeline.infra.files import read_json
 from pipeline.infra.stage import run_command
@@ -41,6 +42,7 @@ class Registered:
     version: str
     alias: str
     source: str
+    store: str  # the tracking store (its registry) the version is in
 
     @property
     def uri(self) -> str:
@@ -70,7 +72,9 @@ def register(
         raise TrackingError(
             f"cannot register {model_uri} as {name!r} in {uri}: {first_line(err)}"
         ) from None
-    return Registered(name=name, version=str(version.version), alias=alias, source=model_uri)
+    return Registered(
+        name=name, version=str(version.version), alias=alias, source=model_uri, store=uri
+    )
 
 
 def recorded_run(record: Path = TRAIN_RECORD) -> tuple[str, str]:
@@ -120,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri = tracking_uri or recorded_store(recorded_uri, store_uri())
         registered = register(model_uri, args.name, args.alias, tracking_uri)
         print(
-            f"registered {registered.source} as {registered.name} version {registered.version}; "
-            f"{registered.uri} points at it"
+            f"registered {registered.source} as {registered.name} version {registered.version} "
+            f"in {redact(registered.store)}; {registered.uri} points at it"
         )
 
     return run_command(register_and_print)

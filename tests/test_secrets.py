@@ -352,6 +352,8 @@ def test_the_console_shows_the_store_masked(server, pipeline_run):
     assert f"Store: `{masked(url)}`" in pipeline_run["consoles"]["pipeline.compare --sweep"]
     # Hydra's launcher logs each job's overrides: masked (Hydra escapes ":").
     assert masked(url).replace(":", "\\:") in pipeline_run["consoles"]["pipeline.crossval -m"]
+    # registry's success line names the store it registered in.
+    assert f" in {masked(url)}; models:/" in pipeline_run["consoles"]["pipeline.registry "]
 
 
 @pytest.mark.slow

@@ -62,9 +62,12 @@ def registered(trained_digits: TrainedDigits, tmp_path_factory: pytest.TempPathF
         cwd=tmp_path_factory.mktemp("register"),
     )
     assert result.returncode == 0, result.stderr
-    assert f"models:/{DEFAULT_NAME}@{DEFAULT_ALIAS}" in result.stdout
-    version = result.stdout.split(" version ")[1].split(";")[0]
-    assert champion_version(trained_digits.tracking_uri) == version
+    version = champion_version(trained_digits.tracking_uri)
+    # the success line names the store it registered in
+    assert result.stdout.strip() == (
+        f"registered {trained_digits.run_model_uri} as {DEFAULT_NAME} version {version} in "
+        f"{trained_digits.tracking_uri}; models:/{DEFAULT_NAME}@{DEFAULT_ALIAS} points at it"
+    )
     return version
 
 
@@ -89,7 +92,7 @@ def test_register_without_arguments_uses_the_recorded_run_and_moves_the_alias(
     assert result.returncode == 0, result.stderr
     after = champion_version(trained_digits.tracking_uri)
     assert int(after) == int(before) + 1
-    assert f"version {after};" in result.stdout
+    assert f"version {after} in {trained_digits.tracking_uri};" in result.stdout
 
 
 def test_register_errors_are_one_line(trained_digits: TrainedDigits, tmp_path: Path):
