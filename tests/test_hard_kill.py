@@ -265,6 +265,29 @@ def test_a_status_the_store_refuses_is_retried_once_then_set_by_the_next_start(
     assert own_state.read_text().strip() == "[]"
 
 
+def test_a_remembered_run_keeps_no_password_of_its_store(
+    store: str, tmp_path: Path, own_state: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The record of a run the store refused to end names its store masked (issue #15)."""
+    import mlflow
+
+    from pipeline.infra.tracking import tracked_run
+
+    def refuse(self, run_id, status=None, end_time=None):
+        raise RuntimeError("the server is down")
+
+    cfg = settings("debug=fast", f"tracking.uri={store}")
+    with monkeypatch.context() as patched:
+        patched.setattr(mlflow.MlflowClient, "set_terminated", refuse)
+        with pytest.raises(KeyError), isolated_mlflow(tmp_path), tracked_run(cfg, "train", SHA):
+            # As if the run were on a server reached with a password in its URI.
+            patched.setattr(mlflow, "get_tracking_uri", lambda: "http://admin:S3NT1NEL@127.0.0.1:9")
+            raise KeyError("the stage's own error")
+    recorded = own_state.read_text()
+    assert "http://admin:***@127.0.0.1:9" in recorded
+    assert "S3NT1NEL" not in recorded
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.infra import paths
+from pipeline.infra.credentials import redact
 from pipeline.infra.errors import first_line
 from pipeline.infra.files import read_json, temp_writer, write_json
 
@@ -317,7 +318,8 @@ def end_active_run(status: str) -> None:
             return
         except Exception as err:
             error = err
-    record = {"tracking_uri": uri, "run_id": run_id, "status": status}
+    # A store URI may carry a password: remember it masked, as everything else the project writes.
+    record = {"tracking_uri": redact(uri), "run_id": run_id, "status": status}
     try:
         _update_unended(lambda records: [*records, record])
     except OSError as err:
@@ -341,7 +343,7 @@ def end_remembered_runs(client: Any, uri: str) -> None:
         return
     from mlflow.exceptions import MlflowException
 
-    records = [r for r in _update_unended(lambda same: same) if r["tracking_uri"] == uri]
+    records = [r for r in _update_unended(lambda same: same) if r["tracking_uri"] == redact(uri)]
     for record in records:
         try:
             status = client.get_run(record["run_id"]).info.status
