@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from pipeline.core.data import load_split
 from pipeline.core.folds import fold_indices
+from pipeline.core.stats import sample_std
 from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.files import read_json, write_csv, write_json
@@ -88,9 +89,9 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
 
         metrics = {
             "accuracy_mean": float(np.mean(accuracies)),
-            "accuracy_std": float(np.std(accuracies)),
+            "accuracy_std": sample_std(accuracies),
             "loss_mean": float(np.mean(losses)),
-            "loss_std": float(np.std(losses)),
+            "loss_std": sample_std(losses),
             "fold_accuracy": {f"fold{k}": a for k, a in enumerate(accuracies, start=1)},
         }
         plots_dir = out_root / paths.PLOTS_DIR / "crossval"

@@ -243,7 +243,7 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
             [
                 Text(
                     f"{len(cv['fold_accuracy'])}-fold accuracy {cv['accuracy_mean']:.4f} ± "
-                    f"{cv['accuracy_std']:.4f} (a new model per fold)"
+                    f"{cv['accuracy_std']:.4f} (sample std, ddof=1; a new model per fold)"
                 ),
                 *mismatch,
                 Table(["fold", "accuracy"], fold_rows),

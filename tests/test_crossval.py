@@ -24,6 +24,8 @@ from run_helpers import (
     settings,
 )
 
+from pipeline.core.stats import summarize
+
 FOLDS = 3
 EPOCHS = 2
 TINY = ("debug=fast", f"folds={FOLDS}", f"epochs={EPOCHS}", "batch_size=32")
@@ -105,12 +107,18 @@ def test_each_fold_logs_a_validation_curve_per_epoch(cv: CrossValidated):
 
 
 def test_parent_summary_is_the_mean_and_std_of_the_folds(cv: CrossValidated):
+    """The sample std (ddof=1), as compare's for the same folds (core.stats.summarize)."""
     accuracies = [child.data.metrics["fold_accuracy"] for child in cv.children]
     logged = cv.parent.data.metrics
+    written = json.loads((cv.out / "metrics" / "crossval.json").read_text())
     assert logged["accuracy_mean"] == pytest.approx(np.mean(accuracies), abs=1e-9)
-    assert logged["accuracy_std"] == pytest.approx(np.std(accuracies), abs=1e-9)
+    for std in (logged["accuracy_std"], written["accuracy_std"], cv.metrics["accuracy_std"]):
+        assert std == pytest.approx(np.std(accuracies, ddof=1), abs=1e-9)
+        assert std == pytest.approx(summarize(accuracies).std, abs=1e-9)
     losses = [child.data.metrics["fold_loss"] for child in cv.children]
     assert logged["loss_mean"] == pytest.approx(np.mean(losses), abs=1e-9)
+    for std in (logged["loss_std"], written["loss_std"]):
+        assert std == pytest.approx(np.std(losses, ddof=1), abs=1e-9)
     assert logged["accuracy_mean"] > 0.3  # chance is 0.1
 
 

@@ -41,16 +41,26 @@ class TestResult:
     df: float
 
 
-def summarize(scores: Sequence[float], confidence: float = 1 - ALPHA) -> Summary:
-    """Mean, std (ddof=1) and the `confidence` interval mean ± t(n-1) · std / √n of `scores`
-    (n >= 2 values; ValueError otherwise)."""
+def sample_std(scores: Sequence[float]) -> float:
+    """The sample standard deviation of `scores`, sqrt(Σ(x - mean)² / (n - 1)) (ddof=1, Bessel's
+    correction: the folds are a sample of the possible splits), for n >= 2 values (ValueError
+    otherwise). crossval's accuracy_std and compare's std are both this."""
     import numpy as np
-    from scipy import stats
 
     values = np.asarray(scores, dtype=float)
     if values.size < 2:
         raise ValueError(f"need at least 2 scores for a spread, got {values.size}")
-    mean, std = float(values.mean()), float(values.std(ddof=1))
+    return float(values.std(ddof=1))
+
+
+def summarize(scores: Sequence[float], confidence: float = 1 - ALPHA) -> Summary:
+    """Mean, std (ddof=1, sample_std) and the `confidence` interval mean ± t(n-1) · std / √n of
+    `scores` (n >= 2 values; ValueError otherwise)."""
+    import numpy as np
+    from scipy import stats
+
+    values = np.asarray(scores, dtype=float)
+    mean, std = float(values.mean()), sample_std(values)
     half = float(stats.t.ppf((1 + confidence) / 2, values.size - 1)) * std / math.sqrt(values.size)
     return Summary(int(values.size), mean, std, mean - half, mean + half, confidence)
 
