@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.core.data import NUM_CLASSES, load_split
+from pipeline.core.metrics import confusion
 from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.credentials import redact
@@ -122,12 +123,6 @@ def config_differences(trained: dict, validated: dict) -> list[str]:
         for key in sorted(ours.keys() | theirs.keys())
         if not key.startswith(NOT_THE_MODEL) and ours.get(key) != theirs.get(key)
     ]
-
-
-def confusion(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
-    np.add.at(matrix, (actual, predicted), 1)
-    return matrix
 
 
 def _number(value: float) -> str:

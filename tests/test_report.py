@@ -22,12 +22,13 @@ from run_helpers import PROJECT_ROOT, REPORT_SECTIONS, new_store, run_module
 
 from pipeline.core.data import NUM_CLASSES, save_split, to_split
 from pipeline.core.grids import sample_grid
+from pipeline.core.metrics import confusion
 from pipeline.core.plots import fold_boxplot, history_curves
 from pipeline.infra import paths
 from pipeline.infra.config import Config, ModelConfig
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import read_json, write_json
-from pipeline.report import ReportInputs, build_report, confusion, read_inputs
+from pipeline.report import ReportInputs, build_report, read_inputs
 
 EMBEDDED = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pipeline.core.data import NUM_CLASSES
+
 # Keras' backend.epsilon(): the clipping its cross-entropy applies before the log.
 EPSILON = 1e-7
 
@@ -39,3 +41,12 @@ def evaluate(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """Every test metric, name -> value, for integer `labels` (N,) in 0..9 and the model's
     class `probabilities` (N, 10)."""
     return {name: metric(labels, probabilities) for name, metric in METRICS.items()}
+
+
+def confusion(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """The confusion matrix (10, 10) of integer class labels `actual` and `predicted` (N,) in
+    0..9: entry [t, p] counts the samples of true class t predicted as p (rows true, columns
+    predicted, as sklearn.metrics.confusion_matrix); every pair counts, repeats included."""
+    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
+    np.add.at(matrix, (actual, predicted), 1)
+    return matrix
