@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -456,3 +457,29 @@ def parse_json(result: subprocess.CompletedProcess[str]) -> list[dict]:
     """The --json answer of a predict run that must have succeeded."""
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Stop a server started with start_new_session=True (MLflow's tracking server, `mlflow
+    models serve`): SIGTERM, which mlflow forwards to its uvicorn workers; then SIGKILL whatever
+    is left of its process group."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """The whole command failed (exit 1) with exactly one `error:` line on stderr, nothing on
+    stdout and no traceback; that line holds every needle."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import signal
 import sqlite3
 import stat
 import subprocess
@@ -28,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from run_helpers import PROJECT_ROOT, cli_env, free_port, prepared_digits, project_copy, run_module
+from run_helpers import (
+    PROJECT_ROOT,
+    cli_env,
+    free_port,
+    prepared_digits,
+    project_copy,
+    run_module,
+    stop_server,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -210,17 +217,6 @@ class Server:
     pid: int
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, which mlflow forwards to its uvicorn workers; SIGKILL the group if it lingers."""
-    if process.poll() is None:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # anything left of its session
-    process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     project = project_with_script(tmp_path_factory.mktemp("auth-project"))
@@ -252,7 +248,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             time.sleep(0.2)
         yield Server(url, project, workdir, log, process.pid)
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")

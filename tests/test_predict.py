@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from run_helpers import STYLES, TrainedDigits, parse_json, render, run_predict
+from run_helpers import (
+    STYLES,
+    TrainedDigits,
+    assert_one_line_error,
+    parse_json,
+    render,
+    run_predict,
+)
 
 from pipeline import predict
 from pipeline.core.images import digit_box, prepare_image
@@ -286,19 +293,6 @@ BAD_INPUTS: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "decompression bomb": ("bomb.png", _bomb, "image too large"),
     "truncated image": ("cut.png", _truncated, "cannot read the image"),
 }
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """The whole command failed (exit 1) with exactly one `error:` line on stderr, nothing on
-    stdout and no traceback; that line holds every needle."""
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 ANSWER = r"\d \(p=[01]\.\d\d\)"  # what a file's line says after "<file>: "

@@ -17,8 +17,6 @@ import contextlib
 import io
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +33,7 @@ from run_helpers import (
     prepared_digits,
     project_copy,
     run_module,
+    stop_server,
 )
 
 SENTINEL = "S3NT1NEL-pw-7c2e"  # also the server's admin password (MLflow: 12+ characters)
@@ -295,13 +294,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             time.sleep(0.3)
         yield url, project
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        stop_server(process)
 
 
 def with_password(url: str, password: str = SENTINEL) -> str:

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 from run_helpers import (
     TrainedDigits,
+    assert_one_line_error,
     cli_env,
     isolated_mlflow,
     new_store,
@@ -40,19 +41,6 @@ from pipeline.infra.config import DatasetConfig
 from pipeline.infra.download import fetch_file
 from pipeline.infra.errors import ConfigError, DataError, ModelError
 from pipeline.infra.model_loading import load_model
-
-
-def one_error_line(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """The command failed (exit 1) with exactly one `error:` line, no traceback and nothing on
-    stdout; that line holds every needle."""
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def digit_image(path: Path) -> Path:
@@ -141,7 +129,7 @@ def test_a_pyfunc_model_that_runs_code_is_refused_and_never_run(payload_folder, 
     folder, marker = payload_folder
     image = digit_image(tmp_path / "digit.png")
     result = run_predict(str(image), "--model", str(folder), cwd=tmp_path)
-    one_error_line(result, str(folder), "python_function", "--trust-model")
+    assert_one_line_error(result, str(folder), "python_function", "--trust-model")
     assert not marker.exists(), marker.read_text()
 
 
@@ -151,7 +139,7 @@ def test_a_code_running_model_in_the_store_is_refused_by_uri(payload_store, kind
     model = f"runs:/{run_id}/model" if kind == "runs" else "models:/evil@champion"
     image = digit_image(tmp_path / "digit.png")
     result = run_predict(str(image), "--model", model, "--tracking-uri", uri, cwd=tmp_path)
-    one_error_line(result, model, "python_function", "--trust-model")
+    assert_one_line_error(result, model, "python_function", "--trust-model")
     assert not marker.exists(), marker.read_text()
 
 
@@ -187,7 +175,7 @@ def test_a_pickle_file_is_refused_without_being_read(tmp_path):
     model.write_bytes(pickle.dumps(Payload()))
     image = digit_image(tmp_path / "digit.png")
     result = run_predict(str(image), "--model", str(model), cwd=tmp_path)
-    one_error_line(result, str(model), ".pkl", "--trust-model")
+    assert_one_line_error(result, str(model), ".pkl", "--trust-model")
     assert not marker.exists()
 
 

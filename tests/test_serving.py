@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from run_helpers import (
     render,
     run_module,
     run_predict,
+    stop_server,
 )
 
 from pipeline.core.images import prepare_image
@@ -136,18 +136,6 @@ def test_predict_loads_the_champion_by_alias(
 # --------------------------------------------------------------------------- serving
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Stop the server and the uvicorn worker it started (its own process group)."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-
 def get(url: str, timeout: float = 5) -> int:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.status
@@ -206,7 +194,7 @@ def server(
             time.sleep(0.5)
         yield base
     finally:
-        stop(process)
+        stop_server(process)
 
 
 def invoke(base: str, rows: np.ndarray) -> np.ndarray:

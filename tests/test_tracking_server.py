@@ -44,6 +44,7 @@ from run_helpers import (
     project_copy,
     run_cli,
     runs,
+    stop_server,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -119,17 +120,6 @@ class Stack:
     seconds_to_health: float
 
 
-def _stop_server(process: subprocess.Popen[str]) -> None:
-    """SIGTERM, which mlflow forwards to its uvicorn workers; SIGKILL the group if it lingers."""
-    if process.poll() is None:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # anything left of its session
-    process.wait(timeout=30)
-
-
 def _stop_postgres(pg_dir: Path) -> None:
     done = script("local-postgres", "stop", str(pg_dir))
     pid_file = pg_dir / "postmaster.pid"
@@ -177,7 +167,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 text=True,
                 start_new_session=True,  # its own process group, so teardown gets every worker
             )
-        cleanup.callback(_stop_server, server)
+        cleanup.callback(stop_server, server)
         begun = time.monotonic()
         while status_of(url, "/health") != 200:
             if server.poll() is not None or time.monotonic() - begun > 120:
