@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     """Train, evaluate, save and log one model; returns the metrics written to train.json."""
-    from pipeline.infra.tracking import open_store_early, run_record, store_errors, tracked_run
+    from pipeline.infra.tracking import (
+        open_store_early,
+        run_link,
+        run_record,
+        store_errors,
+        tracked_run,
+    )
 
     check_prepared_dataset(prepared_dir, cfg.dataset.name)  # before any store or output
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
@@ -109,11 +115,11 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
                 )
         write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, cfg, dataset_sha))
     log.info(
-        "test accuracy %.4f, loss %.4f (%.1f s, run %s)",
+        "test accuracy %.4f, loss %.4f (%.1f s); MLflow run %s",
         metrics["test_accuracy"],
         metrics["test_loss"],
         fit_seconds,
-        run.info.run_id,
+        run_link(run, cfg),
     )
     return metrics
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from run_helpers import (
+    client,
     free_port,
     history,
     isolated_mlflow,
@@ -54,6 +55,40 @@ def test_a_run_that_completes_ends_finished_with_params_and_tags(store: str, tmp
     assert found.data.tags["stage"] == "train"
     assert found.data.tags["dataset_sha256"] == SHA
     assert history(store, run.info.run_id, "loss") == [(1, 1.5)]
+
+
+def test_experiments_are_tagged_as_model_training(store: str, tmp_path: Path):
+    """MLflow 3's UI opens an experiment without this kind on its GenAI overview. An experiment
+    the pipeline creates gets the kind; one it reuses gets it too, unless it has a kind already."""
+    from pipeline.infra.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, tracked_run
+
+    mlflow_client = client(store)
+    untagged = mlflow_client.create_experiment("untagged")
+    chosen = mlflow_client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    for name in ("fresh", "untagged", "chosen"):
+        cfg = settings("debug=fast", f"tracking.uri={store}", f"tracking.experiment={name}")
+        with isolated_mlflow(tmp_path), tracked_run(cfg, "train", SHA):
+            pass
+    kinds = {
+        name: mlflow_client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+        for name in ("fresh", "untagged", "chosen")
+    }
+    assert kinds == {"fresh": EXPERIMENT_KIND, "untagged": EXPERIMENT_KIND, "chosen": "finetuning"}
+    assert mlflow_client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert mlflow_client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_ui_links_open_the_model_training_view_without_a_password():
+    from pipeline.infra.tracking import ui_link
+
+    assert ui_link("http://alice:s3cret@mlflow.example:5000/", "7", "abc") == (
+        "http://alice:***@mlflow.example:5000/#/experiments/7/runs/abc"
+        "?workflowType=machine_learning"
+    )
+    # A sqlite store: where `mlflow ui --backend-store-uri ...` serves it by default.
+    assert ui_link("sqlite:////tmp/mlflow.db", "1") == (
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    )
 
 
 def _run_that_raises(uri: str, cwd: Path, error: BaseException) -> None:

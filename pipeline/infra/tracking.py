@@ -24,6 +24,8 @@ from pipeline.infra.reconcile import close_dead_runs, end_active_run, process_ta
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
+# What `mlflow ui` and `mlflow server` serve on by default.
+DEFAULT_UI = "http://127.0.0.1:5000"
 
 
 def project_root() -> Path:
@@ -50,9 +52,9 @@ def store_uri(uri: str | None = None) -> str:
     variable, else the project's own sqlite store, mlflow.db in the project root. A relative
     sqlite path is made absolute against the project root (absolute_uri)."""
     uri = absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
-    if redact(uri) != uri:
-        # MLflow prints "View run ... at: <this URI>/#/..." when a run on a server ends.
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    # MLflow prints "View run ... at: <this URI>/#/..." when a run on a server ends: a link to
+    # its GenAI view, with the URI's password in clear. The stages log ui_link instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return uri
 
 
@@ -195,6 +197,7 @@ def _open_store(uri: str, experiment: str) -> str:
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 found = _create_experiment(client, experiment, _artifact_location(uri, experiment))
+            _mark_model_training(client, found)
     except Exception as err:  # mlflow raises many types for a bad store
         raise TrackingError(f"cannot open MLflow store {uri}: {first_line(err)}") from None
     if found.lifecycle_stage == "deleted":
@@ -208,6 +211,28 @@ def _open_store(uri: str, experiment: str) -> str:
     return found.experiment_id
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, judges, prompts) unless the
+# experiment is of this kind; the same kind the UI's own "Machine learning" choice sets.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _mark_model_training(client: Any, experiment: Any) -> None:
+    """Tag the experiment as model training unless it already has a kind (a user's choice
+    stands)."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where the MLflow UI shows the experiment's runs table (or one run), in its model-training
+    view (the URL parameter `workflowType=machine_learning`; MLflow 3 defaults to its GenAI view
+    otherwise). For a sqlite store, the address `mlflow ui` serves by default. Passwords masked."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    page = f"/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return redact(f"{base}{page}?workflowType=machine_learning")
+
+
 def _create_experiment(client: Any, experiment: str, location: str | None) -> Any:
     """Create the experiment, or take the one a parallel job created a moment earlier: on a
     tracking server no file lock orders the jobs, so on a fresh server the jobs of a sweep race
@@ -216,7 +241,11 @@ def _create_experiment(client: Any, experiment: str, location: str | None) -> An
 
     try:
         return client.get_experiment(
-            client.create_experiment(experiment, artifact_location=location)
+            client.create_experiment(
+                experiment,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
         )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -362,6 +391,11 @@ def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
     )
     with _ended_with_status():
         yield run
+
+
+def run_link(run: Any, cfg: Config) -> str:
+    """The run's page in the MLflow UI (ui_link), for the stages' last log line."""
+    return ui_link(tracking_uri(cfg), run.info.experiment_id, run.info.run_id)
 
 
 def run_record(run: Any, cfg: Config, dataset_sha256: str) -> dict[str, Any]:
