@@ -96,6 +96,16 @@ def test_one_finished_child_run_per_fold(cv: CrossValidated):
         assert "fold_loss" in child.data.metrics
 
 
+def test_fold_runs_carry_their_parents_params_and_tags(cv: CrossValidated):
+    """So a filter on a param or on the sweep/dataset tags keeps the folds with their parent."""
+    own = {"stage", "fold", "mlflow.parentRunId"}
+    for child in cv.children:
+        assert child.data.params == cv.parent.data.params
+        for key, value in cv.parent.data.tags.items():
+            if not key.startswith("mlflow.") and key not in own:
+                assert child.data.tags.get(key) == value, key
+
+
 def test_each_fold_logs_a_validation_curve_per_epoch(cv: CrossValidated):
     for child in cv.children:
         for key in ("val_accuracy", "val_loss", "loss", "accuracy"):

@@ -378,18 +378,22 @@ def tracked_run(
 
 @contextlib.contextmanager
 def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
-    """A nested run (e.g. one CV fold) under the active run, in the same experiment, with the
-    DVC experiment tags of its parent."""
+    """A nested run (e.g. one CV fold) under the active run, in the same experiment, with its
+    parent's params and tags (sweep, overrides, dataset, DVC experiment), then `tags`: so a
+    filter such as `tags.sweep = "..."` or `params.epochs = "3"` keeps the folds with their
+    parent, and the runs table shows their settings."""
     import mlflow
 
-    parent = mlflow.active_run()
+    parent = mlflow.get_run(mlflow.active_run().info.run_id).data
+    inherited = {k: v for k, v in parent.tags.items() if not k.startswith("mlflow.")}
     run = mlflow.start_run(
-        experiment_id=parent.info.experiment_id,
+        experiment_id=mlflow.active_run().info.experiment_id,
         run_name=name,
         nested=True,
-        tags={**tags, **dvc_tags(), **process_tags()},
+        tags={**inherited, **tags, **process_tags()},
     )
     with _ended_with_status():
+        mlflow.log_params(parent.params)
         yield run
 
 
