@@ -289,6 +289,8 @@ def test_temp_and_queued_experiments_log_to_the_project_store(
         }
         [train] = [r for r in mine if r.data.tags["stage"] == "train"]
         assert [d.dataset.name for d in train.inputs.dataset_inputs] == ["digits"]
+        # Named after the experiment, not all "train" / "crossval".
+        assert train.info.run_name == f"train {name}"
     assert not list((project.root / ".dvc" / "tmp").rglob(STORE)), "a store left in a temp copy"
 
 

@@ -49,6 +49,13 @@ def test_one_finished_run_per_job(sweep):
     by_job(sweep)  # finished_runs_by_job asserts it
 
 
+def test_run_names_lead_with_what_the_sweep_varies(sweep):
+    """The overrides every job shares (debug=fast width=16 tracking.uri=...) would push the
+    varying part out of the runs table's name column and the chart legends."""
+    names = {run.info.run_name for run in sweep["runs"]}
+    assert names == {f"train epochs={epochs}" for epochs in EPOCHS}
+
+
 def test_runs_share_one_sweep_tag(sweep):
     tags = {r.data.tags.get("sweep") for r in sweep["runs"]}
     assert tags == {str(sweep["dir"])}

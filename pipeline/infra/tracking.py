@@ -142,19 +142,62 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
+# Settings that change where a run is logged or how fast it trains, not its result: left out of
+# run names.
+PLUMBING_KEYS = ("tracking", "threads")
+
+
+def swept_keys(hydra_cfg: Any) -> set[str]:
+    """The keys a multirun varies: its command line's sweep overrides (`epochs=5,10`, which
+    Hydra's basic sweeper saves in <sweep dir>/multirun.yaml before it launches the jobs) and a
+    sweeper's own search space (`hydra.sweeper.params`, e.g. Optuna's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set(OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {})
+    saved = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if saved.is_file():
+        task = OmegaConf.load(saved).hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides(list(task))
+        keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return keys
+
+
+def run_name(stage: str, hydra_cfg: Any | None) -> str:
+    """What tells the run apart from its neighbours in the runs table and chart legends: in a
+    sweep, this job's values of the swept keys (`crossval width=64 epochs=10`); else its
+    overrides. A DVC experiment's name comes first. Plumbing keys and passwords left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    parts = [os.environ["DVC_EXP_NAME"]] if os.environ.get("DVC_EXP_NAME") else []
+    if hydra_cfg is not None:
+        task = list(hydra_cfg.overrides.task)
+        keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(task)]
+        swept = swept_keys(hydra_cfg) if hydra_cfg.mode == RunMode.MULTIRUN else set()
+        shown = swept & set(keys) or {k for k in keys if k.split(".")[0] not in PLUMBING_KEYS}
+        parts += [redact(text) for key, text in zip(keys, task, strict=True) if key in shown]
+    return " ".join([stage, *parts])
+
+
 def sweep_tag(hydra_cfg: Any) -> str:
     """The `sweep` tag every job of one multirun carries (its grouping key): the sweep folder."""
     return str(hydra_cfg.sweep.dir)
 
 
+def _hydra_config() -> Any | None:
+    """This job's Hydra config; None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
 def hydra_tags() -> dict[str, str]:
     """The command-line overrides, and the sweep a multirun job belongs to (its grouping key)."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None:
         return {}
-    hydra_cfg = HydraConfig.get()
     tags = {"hydra_overrides": redact(" ".join(hydra_cfg.overrides.task))}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         tags["sweep"] = sweep_tag(hydra_cfg)
@@ -362,9 +405,10 @@ def tracked_run(
     tags.update(process_tags())
     if commit := _git_commit():
         tags["git_commit"] = commit
-    run_name = f"{stage} {tags.get('hydra_overrides', '')}".strip()  # e.g. "train epochs=10"
     with store_errors(cfg, "nothing yet: the stage has not started"):
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name(stage, _hydra_config()), tags=tags
+        )
     with _ended_with_status():
         with store_errors(cfg, "nothing yet: the stage has not started"):
             # The store the run is in, not tracking.uri's null, which means "resolve it".
