@@ -59,7 +59,7 @@ def fetch(dataset: DatasetConfig, raw_dir: Path) -> list[Path]:
     under dataset.train/test's names."""
     dest = raw_dir / dataset.name
     dest.mkdir(parents=True, exist_ok=True)
-    if dataset.name == "digits":
+    if dataset.split_by_fetch:
         return export_digits(
             dest,
             train=dataset.train,

@@ -91,6 +91,43 @@ def test_ui_links_open_the_model_training_view_without_a_password():
     )
 
 
+@pytest.mark.parametrize(
+    ("overrides", "logged", "not_logged"),
+    [
+        (
+            ("dataset=mnist", "model=mlp"),
+            {"epochs", "batch_size", "width", "seed", "model.name", "model.depth", "dataset.name"},
+            {"model.filters", "dataset.test_fraction", "dataset.split_seed"},
+        ),
+        (
+            ("dataset=digits", "model=lenet5"),
+            {"model.filters", "dataset.test_fraction", "dataset.split_seed", "model.activation"},
+            {"width", "model.depth"},
+        ),
+    ],
+)
+def test_params_are_what_defines_the_run_and_applies_to_it(
+    store: str, tmp_path: Path, overrides, logged, not_logged
+):
+    """Not where it is logged, how fast it trains or where its data comes from (those are tags
+    or nothing), and not the keys its dataset or model type never reads."""
+    from pipeline.infra.tracking import tracked_run
+
+    cfg = settings("debug=fast", *overrides, "threads=1", f"tracking.uri={store}")
+    with isolated_mlflow(tmp_path), tracked_run(cfg, "train", SHA):
+        pass
+    [run] = runs(store, f"digits-{cfg.dataset.name}")
+    params = set(run.data.params)
+    assert logged <= params and not (not_logged & params)
+    plumbing = {"tracking.uri", "tracking.experiment", "threads", "dataset.mirrors"}
+    plumbing |= {"dataset.timeout", "dataset.retries", "dataset.max_file_mb"}
+    assert not (plumbing & params)
+    assert not [
+        p for p in params if p.startswith(("dataset.files", "dataset.train", "dataset.test."))
+    ]
+    assert run.data.tags["threads"] == "1"
+
+
 def _run_that_raises(uri: str, cwd: Path, error: BaseException) -> None:
     from pipeline.infra.tracking import tracked_run
 

@@ -114,7 +114,6 @@ def test_run_finished_with_the_configured_params(trained: Trained):
     assert params["width"] == str(WIDTH)
     assert params["model.name"] == "mlp"
     assert params["dataset.name"] == "digits"
-    assert params["tracking.uri"] == trained.uri
 
 
 def test_loss_and_accuracy_are_logged_once_per_epoch(trained: Trained):

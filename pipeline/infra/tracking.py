@@ -126,10 +126,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys that say where a run is logged, how fast it trains or where its data comes from, not what
+# it is: never params. The data itself is identified by the tag dataset_sha256.
+NOT_PARAMS = (
+    "tracking.", "threads", "dataset.mirrors", "dataset.timeout", "dataset.retries",
+    "dataset.max_file_mb", "dataset.files.", "dataset.train.", "dataset.test.",
+)  # fmt: skip
+
+
 def config_params(cfg: Config) -> dict[str, Any]:
-    """The resolved config as flat MLflow params (checksums left out: they are tagged)."""
+    """The resolved config as flat MLflow params: what defines the run's result, and only the
+    keys that apply to its dataset and model (no `model.filters` on an MLP, no digits-only
+    `dataset.test_fraction` on MNIST)."""
     params = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))  # type: ignore[arg-type]
-    return {k: v for k, v in params.items() if not k.startswith("dataset.files.")}
+    unused = cfg.unused_keys()
+    return {k: v for k, v in params.items() if not k.startswith(NOT_PARAMS) and k not in unused}
 
 
 def _git_commit() -> str | None:
@@ -400,6 +411,7 @@ def tracked_run(
     experiment_id = _experiment_id(cfg)
     mlflow.set_tracking_uri(tracking_uri(cfg))
     tags = {"stage": stage, "dataset": cfg.dataset.name, "dataset_sha256": dataset_sha256}
+    tags["threads"] = str(cfg.threads)  # how fast, not what: a tag (fit_seconds depends on it)
     tags.update(hydra_tags())
     tags.update(dvc_tags())
     tags.update(process_tags())
@@ -412,8 +424,7 @@ def tracked_run(
     with _ended_with_status():
         with store_errors(cfg, "nothing yet: the stage has not started"):
             # The store the run is in, not tracking.uri's null, which means "resolve it".
-            params = {**config_params(cfg), "tracking.uri": tracking_uri(cfg)}
-            mlflow.log_params(redacted(params))
+            mlflow.log_params(redacted(config_params(cfg)))
             mlflow.log_input(
                 dataset_input(cfg.dataset.name, dataset_sha256, prepared_dir), context=stage
             )
