@@ -78,8 +78,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
         predicted = probabilities.argmax(axis=1)
         metrics = {
             **{f"test_{k}": v for k, v in evaluate(test_split.labels, probabilities).items()},
-            **{f"train_{k}": v[-1] for k, v in history.items() if not k.startswith("val_")},
-            **{k: v[-1] for k, v in history.items() if k.startswith("val_")},
+            **{k: v[-1] for k, v in history.items()},  # train_*, and val_* when validating
             "fit_seconds": fit_seconds,
             "seconds_per_epoch": fit_seconds / cfg.epochs,
         }

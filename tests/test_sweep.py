@@ -67,7 +67,7 @@ def test_each_run_trained_with_its_own_epochs(sweep):
         assert run.data.params["epochs"] == str(epochs)
         assert run.data.params["width"] == "16"
         assert f"epochs={epochs}" in run.data.tags["hydra_overrides"].split()
-        steps = [step for step, _ in history(sweep["uri"], run.info.run_id, "loss")]
+        steps = [step for step, _ in history(sweep["uri"], run.info.run_id, "train_loss")]
         assert steps == list(range(1, epochs + 1))
 
 

@@ -231,7 +231,7 @@ def _wait_for_training(uri: str, process, deadline: float):
             pytest.fail(f"the training process exited early with {process.returncode}")
         found = runs(uri)
         running = [r for r in found if r.info.status == "RUNNING"]
-        if running and history(uri, running[0].info.run_id, "loss"):
+        if running and history(uri, running[0].info.run_id, "train_loss"):
             return running[0]
         time.sleep(0.5)
     pytest.fail("no RUNNING run with a logged epoch appeared in time")
@@ -254,7 +254,7 @@ def test_sigterm_kills_the_run_and_keeps_no_outputs(tmp_path, tmp_path_factory):
     assert found.info.run_id == run.info.run_id
     assert found.info.status == "KILLED"
     assert found.info.end_time is not None
-    epochs_done = len(history(uri, run.info.run_id, "loss"))
+    epochs_done = len(history(uri, run.info.run_id, "train_loss"))
     assert 1 <= epochs_done < 200
     assert not (project / "models" / "model.keras").exists()
     assert not (project / "metrics" / "train.json").exists()
