@@ -119,7 +119,7 @@ def _run(cfg: Config) -> float:
     return crossval(cfg, paths.PREPARED_DIR, output_root())["accuracy_mean"]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """The mean fold accuracy: the objective a sweeper maximizes (`hparams_search=mlp_optuna`)."""
     return run_stage(cfg, _run)
