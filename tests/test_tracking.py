@@ -128,6 +128,29 @@ def test_params_are_what_defines_the_run_and_applies_to_it(
     assert run.data.tags["threads"] == "1"
 
 
+@pytest.mark.parametrize("enabled", [False, True])
+def test_system_metrics_are_logged_when_switched_on(
+    enabled: bool, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from pipeline.infra.tracking import tracked_run
+
+    # MLflow samples every 10 s and logs after 1 sample by default: make a short run long enough.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    cfg = settings("debug=fast", f"tracking.uri={store}", f"tracking.system_metrics={enabled}")
+    with isolated_mlflow(tmp_path), tracked_run(cfg, "train", SHA):
+        time.sleep(1.5)
+    [run] = runs(store)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    if enabled:
+        assert {
+            "system/cpu_utilization_percentage",
+            "system/system_memory_usage_megabytes",
+        } <= system
+    else:
+        assert not system
+
+
 def _run_that_raises(uri: str, cwd: Path, error: BaseException) -> None:
     from pipeline.infra.tracking import tracked_run
 

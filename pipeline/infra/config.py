@@ -117,6 +117,7 @@ LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
 class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else LOCAL_TRACKING_URI
     experiment: str | None = None
+    system_metrics: bool = False  # MLflow's system/* metrics during each train and crossval run
 
 
 @dataclass

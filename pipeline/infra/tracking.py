@@ -419,7 +419,10 @@ def tracked_run(
         tags["git_commit"] = commit
     with store_errors(cfg, "nothing yet: the stage has not started"):
         run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name(stage, _hydra_config()), tags=tags
+            experiment_id=experiment_id,
+            run_name=run_name(stage, _hydra_config()),
+            tags=tags,
+            log_system_metrics=cfg.tracking.system_metrics,
         )
     with _ended_with_status():
         with store_errors(cfg, "nothing yet: the stage has not started"):
