@@ -4,6 +4,7 @@ job in a real sqlite store, grouped by a shared `sweep` tag, each job writing it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ def test_run_names_lead_with_what_the_sweep_varies(sweep):
     varying part out of the runs table's name column and the chart legends."""
     names = {run.info.run_name for run in sweep["runs"]}
     assert names == {f"train epochs={epochs}" for epochs in EPOCHS}
+
+
+def test_each_jobs_log_lines_say_which_job_and_config_they_belong_to(sweep):
+    """Parallel jobs (hydra/launcher=joblib) print to one terminal, interleaved."""
+    for job, epochs in enumerate(EPOCHS):
+        assert re.search(rf"\[job {job} epochs={epochs}\] test accuracy [0-9.]+", sweep["log"])
 
 
 def test_runs_share_one_sweep_tag(sweep):

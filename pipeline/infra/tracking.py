@@ -177,6 +177,11 @@ def run_name(stage: str, hydra_cfg: Any | None) -> str:
     """What tells the run apart from its neighbours in the runs table and chart legends: in a
     sweep, this job's values of the swept keys (`crossval width=64 epochs=10`); else its
     overrides. A DVC experiment's name comes first. Plumbing keys and passwords left out."""
+    return " ".join([stage, run_label(hydra_cfg)]).strip()
+
+
+def run_label(hydra_cfg: Any | None) -> str:
+    """run_name without the stage: `width=64 epochs=10` for a sweep job (see run_name)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
@@ -187,7 +192,7 @@ def run_name(stage: str, hydra_cfg: Any | None) -> str:
         swept = swept_keys(hydra_cfg) if hydra_cfg.mode == RunMode.MULTIRUN else set()
         shown = swept & set(keys) or {k for k in keys if k.split(".")[0] not in PLUMBING_KEYS}
         parts += [redact(text) for key, text in zip(keys, task, strict=True) if key in shown]
-    return " ".join([stage, *parts])
+    return " ".join(parts)
 
 
 def sweep_tag(hydra_cfg: Any) -> str:
