@@ -227,3 +227,30 @@ def test_hydra_shell_completion_completes_keys_and_group_options(line, expected,
     query = shell_completion("query=bash", COMP_LINE=line)
     assert query.returncode == 0, query.stderr
     assert expected in query.stdout.split(), query.stdout
+
+
+def test_help_lists_every_key_with_its_meaning(cli, tmp_path):
+    """`--help` is the project's own page (hydra.help in conf/config.yaml), not Hydra's default:
+    every key the schema has, except the group choices and the files a dataset YAML lists."""
+    import dataclasses
+
+    done = cli(tmp_path, "pipeline.train", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "python -m pipeline.train [KEY=VALUE ...]" in done.stdout
+    assert "training epochs (>= 1)" in done.stdout
+
+    def keys(schema: object, prefix: str = "") -> list[str]:
+        found = []
+        for f in dataclasses.fields(schema):
+            value = getattr(schema, f.name)
+            if dataclasses.is_dataclass(value):
+                found += keys(value, f"{prefix}{f.name}.")
+            else:
+                found.append(prefix + f.name)
+        return found
+
+    not_keys = ("dataset.name", "model.name", "dataset.files", "dataset.train.", "dataset.test.")
+    missing = [
+        k for k in keys(Config()) if not k.startswith(not_keys) and f"{k}=" not in done.stdout
+    ]
+    assert not missing, f"--help does not explain {missing}"
