@@ -32,6 +32,7 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     from pipeline.infra.tracking import (
         child_run,
         open_store_early,
+        run_link,
         run_record,
         store_errors,
         tracked_run,
@@ -105,7 +106,11 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, cfg, dataset_sha))
     log.info(
-        "%d-fold accuracy %.4f ± %.4f", cfg.folds, metrics["accuracy_mean"], metrics["accuracy_std"]
+        "%d-fold accuracy %.4f ± %.4f; MLflow run %s",
+        cfg.folds,
+        metrics["accuracy_mean"],
+        metrics["accuracy_std"],
+        run_link(run, cfg),
     )
     return metrics
 
@@ -114,7 +119,7 @@ def _run(cfg: Config) -> float:
     return crossval(cfg, paths.PREPARED_DIR, output_root())["accuracy_mean"]
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """The mean fold accuracy: the objective a sweeper maximizes (`hparams_search=mlp_optuna`)."""
     return run_stage(cfg, _run)

@@ -59,7 +59,7 @@ def fetch(dataset: DatasetConfig, raw_dir: Path) -> list[Path]:
     under dataset.train/test's names."""
     dest = raw_dir / dataset.name
     dest.mkdir(parents=True, exist_ok=True)
-    if dataset.name == "digits":
+    if dataset.split_by_fetch:
         return export_digits(
             dest,
             train=dataset.train,
@@ -90,7 +90,7 @@ def _run(cfg: Config) -> None:
     fetch(cfg.dataset, paths.RAW_DIR)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(cfg, _run)
 

@@ -86,7 +86,7 @@ def _run(cfg: Config) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(cfg, _run)
 

@@ -304,7 +304,7 @@ def _run(cfg: Config) -> None:
     report(Path("."), paths.REPORTS_DIR, cfg.tracking.uri)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(cfg, _run)
 

@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     """Train, evaluate, save and log one model; returns the metrics written to train.json."""
-    from pipeline.infra.tracking import open_store_early, run_record, store_errors, tracked_run
+    from pipeline.infra.tracking import (
+        open_store_early,
+        run_link,
+        run_record,
+        store_errors,
+        tracked_run,
+    )
 
     check_prepared_dataset(prepared_dir, cfg.dataset.name)  # before any store or output
     open_store_early(cfg)  # MLflow's import and store opening overlap TensorFlow's import
@@ -72,8 +78,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
         predicted = probabilities.argmax(axis=1)
         metrics = {
             **{f"test_{k}": v for k, v in evaluate(test_split.labels, probabilities).items()},
-            **{f"train_{k}": v[-1] for k, v in history.items() if not k.startswith("val_")},
-            **{k: v[-1] for k, v in history.items() if k.startswith("val_")},
+            **{k: v[-1] for k, v in history.items()},  # train_*, and val_* when validating
             "fit_seconds": fit_seconds,
             "seconds_per_epoch": fit_seconds / cfg.epochs,
         }
@@ -109,11 +114,11 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
                 )
         write_json(out_root / paths.RUNS_DIR / "train.json", run_record(run, cfg, dataset_sha))
     log.info(
-        "test accuracy %.4f, loss %.4f (%.1f s, run %s)",
+        "test accuracy %.4f, loss %.4f (%.1f s); MLflow run %s",
         metrics["test_accuracy"],
         metrics["test_loss"],
         fit_seconds,
-        run.info.run_id,
+        run_link(run, cfg),
     )
     return metrics
 
@@ -122,7 +127,7 @@ def _run(cfg: Config) -> None:
     train(cfg, paths.PREPARED_DIR, output_root())
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(paths.CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     run_stage(cfg, _run)
 

@@ -181,3 +181,76 @@ def test_cfg_job_prints_the_resolved_config(cli, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epochs: 7" in result.stdout
     assert "name: digits" in result.stdout
+
+
+# --------------------------------------------------------------------------- installed commands
+
+COMMANDS = ("fetch", "preprocess", "train", "crossval", "report",
+            "compare", "predict", "registry", "params", "runs")  # fmt: skip
+
+
+def _installed(name: str) -> str:
+    path = os.path.join(os.path.dirname(sys.executable), f"digit-{name}")
+    assert os.access(path, os.X_OK), f"{path} is not installed: reinstall (`make setup`)"
+    return path
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_stage_and_command_is_an_installed_command(name):
+    done = subprocess.run([_installed(name), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [("digit-train epo", "epochs="), ("digit-train model=", "model=lenet5"),
+     ("digit-crossval crossval.", "crossval.stratified=")],
+)  # fmt: skip
+def test_hydra_shell_completion_completes_keys_and_group_options(line, expected, tmp_path):
+    """What `eval "$(digit-train -sc install=bash)"` makes bash ask on <TAB>: Hydra completes an
+    installed command, never `python -m pipeline.train`."""
+    command = _installed(line.split()[0].removeprefix("digit-"))
+
+    def shell_completion(verb: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command, "-sc", verb],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env={**os.environ, **env},
+        )
+
+    install = shell_completion("install=bash")
+    assert f"-F hydra_bash_completion {os.path.basename(command)}" in install.stdout
+    query = shell_completion("query=bash", COMP_LINE=line)
+    assert query.returncode == 0, query.stderr
+    assert expected in query.stdout.split(), query.stdout
+
+
+def test_help_lists_every_key_with_its_meaning(cli, tmp_path):
+    """`--help` is the project's own page (hydra.help in conf/config.yaml), not Hydra's default:
+    every key the schema has, except the group choices and the files a dataset YAML lists."""
+    import dataclasses
+
+    done = cli(tmp_path, "pipeline.train", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "python -m pipeline.train [KEY=VALUE ...]" in done.stdout
+    assert "training epochs (>= 1)" in done.stdout
+
+    def keys(schema: object, prefix: str = "") -> list[str]:
+        found = []
+        for f in dataclasses.fields(schema):
+            value = getattr(schema, f.name)
+            if dataclasses.is_dataclass(value):
+                found += keys(value, f"{prefix}{f.name}.")
+            else:
+                found.append(prefix + f.name)
+        return found
+
+    not_keys = ("dataset.name", "model.name", "dataset.files", "dataset.train.", "dataset.test.")
+    missing = [
+        k for k in keys(Config()) if not k.startswith(not_keys) and f"{k}=" not in done.stdout
+    ]
+    assert not missing, f"--help does not explain {missing}"

@@ -96,9 +96,19 @@ def test_one_finished_child_run_per_fold(cv: CrossValidated):
         assert "fold_loss" in child.data.metrics
 
 
+def test_fold_runs_carry_their_parents_params_and_tags(cv: CrossValidated):
+    """So a filter on a param or on the sweep/dataset tags keeps the folds with their parent."""
+    own = {"stage", "fold", "mlflow.parentRunId"}
+    for child in cv.children:
+        assert child.data.params == cv.parent.data.params
+        for key, value in cv.parent.data.tags.items():
+            if not key.startswith("mlflow.") and key not in own:
+                assert child.data.tags.get(key) == value, key
+
+
 def test_each_fold_logs_a_validation_curve_per_epoch(cv: CrossValidated):
     for child in cv.children:
-        for key in ("val_accuracy", "val_loss", "loss", "accuracy"):
+        for key in ("val_accuracy", "val_loss", "train_loss", "train_accuracy"):
             points = history(cv.uri, child.info.run_id, key)
             assert [step for step, _ in points] == list(range(1, EPOCHS + 1)), key
         # The fold's score is its model's accuracy on the held-out fold after the last epoch.
@@ -125,8 +135,8 @@ def test_parent_summary_is_the_mean_and_std_of_the_folds(cv: CrossValidated):
 def test_every_fold_trains_a_fresh_model(cv: CrossValidated):
     """A network reused across folds would start later folds already trained (and score on data
     it has seen). Fresh ones all start from scratch: similar, high first-epoch losses."""
-    first_losses = [history(cv.uri, c.info.run_id, "loss")[0][1] for c in cv.children]
-    last_losses = [history(cv.uri, c.info.run_id, "loss")[-1][1] for c in cv.children]
+    first_losses = [history(cv.uri, c.info.run_id, "train_loss")[0][1] for c in cv.children]
+    last_losses = [history(cv.uri, c.info.run_id, "train_loss")[-1][1] for c in cv.children]
     assert max(first_losses) - min(first_losses) < 0.15, first_losses
     # Later folds start no lower than where the previous fold's model ended.
     for previous_end, start in zip(last_losses, first_losses[1:], strict=False):

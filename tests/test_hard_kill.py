@@ -374,7 +374,7 @@ def _wait_for_epoch(uri: str, process, stage: str, deadline: float):
             if (
                 run.info.status == "RUNNING"
                 and run.data.tags.get("stage") == stage
-                and history(uri, run.info.run_id, "loss")
+                and history(uri, run.info.run_id, "train_loss")
             ):
                 return run
         time.sleep(0.5)

@@ -11,6 +11,7 @@ screenshots and crossval figures into docs/img/ for the README; otherwise they s
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,7 @@ EPOCHS = (10, 20) if DOCS else (1, 2)
 WIDTH = 64 if DOCS else 16
 FOLDS = 3 if DOCS else 2
 WAIT_S = 60  # every wait for the React app is bounded by this
+START_S = 180  # the server's start (migrations, workers) on a loaded machine
 COLUMNS = ("test_accuracy", "epochs")  # a metric and a param, added to the runs table
 
 
@@ -82,11 +84,19 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     sweep_dir = project / "multirun"
     _run_stage(project, "pipeline.train", "-m", f"epochs={epochs}", *common,
                f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
-    _run_stage(project, "pipeline.crossval", f"folds={FOLDS}", f"epochs={EPOCHS[-1]}", *common)
+    train_log = (project / "cli.log").read_text(encoding="utf-8")
+    # A crossval sweep of one job, so its runs carry a `sweep` tag to filter on.
+    cv_dir = project / "multirun-cv"
+    _run_stage(project, "pipeline.crossval", "-m", f"folds={FOLDS}", f"epochs={EPOCHS[-1]}",
+               *common, f"hydra.sweep.dir={cv_dir}")  # fmt: skip
 
-    # The report reads train outputs from the project root: take the last sweep job's.
-    for name in ("metrics", "runs", "plots", "models"):
-        shutil.copytree(sweep_dir / str(len(EPOCHS) - 1) / name, project / name, dirs_exist_ok=True)
+    # The report reads the outputs from the project root: take the last train job's.
+    for job_dir, names in (
+        (sweep_dir / str(len(EPOCHS) - 1), ("metrics", "runs", "plots", "models")),
+        (cv_dir / "0", ("metrics", "runs", "plots")),
+    ):
+        for name in names:
+            shutil.copytree(job_dir / name, project / name, dirs_exist_ok=True)
     from pipeline.report import report
 
     with isolated_mlflow(project):
@@ -100,8 +110,10 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folds = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(folds) == FOLDS
     experiment_id = client(uri).get_experiment_by_name(EXPERIMENT).experiment_id
+    links = re.findall(r"MLflow run (\S+)", train_log)
+    assert len(links) == len(EPOCHS), train_log
     return {"project": project, "uri": uri, "experiment_id": experiment_id, "train": train,
-            "crossval": parents[0], "folds": folds, "report": html}  # fmt: skip
+            "crossval": parents[0], "folds": folds, "report": html, "links": links}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +187,9 @@ def name_link(row_id: str) -> tuple[str, str]:
 
 def open_runs_table(driver: WebDriver, server: str, tracked: dict[str, Any]) -> None:
     """Open the experiment's runs table, close the assistant panel, show COLUMNS."""
-    driver.get(f"{server}/#/experiments/{tracked['experiment_id']}/runs")
+    from pipeline.infra.tracking import ui_link
+
+    driver.get(ui_link(server, tracked["experiment_id"]))
     for run in tracked["train"]:
         wait(driver).until(ec.presence_of_element_located(name_link(run.info.run_id)))
     for button in driver.find_elements(By.XPATH, "//button[@aria-label='Close']"):
@@ -256,3 +270,44 @@ def test_report_renders_in_the_browser(browser, tracked, tmp_path):
     if DOCS:
         for name in ("boxplot.png", "curves.png"):
             shutil.copyfile(tracked["project"] / "plots" / "crossval" / name, DOCS_IMG / name)
+
+
+def test_a_new_user_follows_the_printed_link_to_the_run(browser, server, tracked):
+    """The link train logs opens the run's page in the model-training view, even in a browser
+    whose MLflow setting is the default (GenAI: its traces overview)."""
+    from pipeline.infra.tracking import DEFAULT_UI
+
+    browser.get(server)
+    browser.execute_script("window.localStorage.clear()")  # a browser that never chose a view
+    link = tracked["links"][-1]
+    assert link.startswith(DEFAULT_UI) and "workflowType=machine_learning" in link
+    browser.get(server + link[len(DEFAULT_UI) :])  # the test's server is not on port 5000
+    run = tracked["train"][0]  # newest first: the last job's run
+    wait(browser).until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), run.info.run_name))
+    assert f"/runs/{run.info.run_id}" in browser.current_url
+    assert "workflowType=machine_learning" in browser.current_url
+    assert "/overview" not in browser.current_url
+
+
+def test_a_sweep_filter_keeps_the_folds_under_their_crossval_run(browser, server, tracked):
+    sweep = tracked["crossval"].data.tags["sweep"]
+    folds = tracked["folds"]
+    assert {f.data.tags.get("sweep") for f in folds} == {sweep}
+    open_runs_table(browser, server, tracked)
+    box = wait(browser).until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, "[data-testid=search-box] input, "
+                                    "input[placeholder*='metrics']"))
+    )  # fmt: skip
+    box.send_keys(f'tags.sweep = "{sweep}"', Keys.ENTER)
+    parent_id = tracked["crossval"].info.run_id
+    wait(browser).until(
+        ec.invisibility_of_element_located(name_link(tracked["train"][0].info.run_id))
+    )
+    expand = f'[role=row][row-id="{parent_id}"] button[data-component-id*="runnamecellrenderer"]'
+    wait(browser).until(ec.element_to_be_clickable((By.CSS_SELECTOR, expand))).click()
+    for fold in folds:
+        wait(browser).until(ec.visibility_of_element_located(name_link(fold.info.run_id)))
+        shown = wait(browser).until(
+            ec.visibility_of_element_located(cell(fold.info.run_id, "params.`epochs`"))
+        )
+        assert shown.text == str(EPOCHS[-1])

@@ -465,7 +465,7 @@ def _running_run(db: Path, *, trained: bool = False) -> str | None:
     logged its first epoch (so the client has its run and training is under way)."""
     query = "SELECT run_uuid FROM runs WHERE status = 'RUNNING'"
     if trained:
-        query += " AND run_uuid IN (SELECT run_uuid FROM metrics WHERE key = 'loss')"
+        query += " AND run_uuid IN (SELECT run_uuid FROM metrics WHERE key = 'train_loss')"
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
             row = connection.execute(query).fetchone()

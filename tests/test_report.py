@@ -86,7 +86,7 @@ def _images(n: int, seed: int) -> np.ndarray:
 def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The four figures the earlier stages draw, drawn small by pipeline.core.plots (once)."""
     out = tmp_path_factory.mktemp("figures")
-    history = {"loss": [2.0, 1.0], "accuracy": [0.4, 0.7]}
+    history = {"train_loss": [2.0, 1.0], "train_accuracy": [0.4, 0.7]}
     folds = [
         {**history, "val_loss": [2.1, 1.2], "val_accuracy": [0.35, 0.8]},
         {**history, "val_loss": [2.2, 1.4], "val_accuracy": [0.3, 0.7]},

@@ -372,10 +372,8 @@ def test_no_param_tag_or_run_name_in_the_store_holds_the_password(
         ):
             without(repr(values), where=f"the {where} of run {run.info.run_id}")
     parents = [r for r in found if r.data.tags.get("stage") in ("train", "crossval")]
-    assert {r.data.params["tracking.uri"] for r in parents} == {masked(url)}
-    assert {r.data.params["dataset.mirrors"] for r in parents} == {
-        str([MIRROR.replace(SENTINEL, "***")])
-    }
+    # Where a run is logged and where its data comes from are not params at all.
+    assert not [r for r in parents if {"tracking.uri", "dataset.mirrors"} & set(r.data.params)]
     [version] = client.search_model_versions("name = 'digit-classifier'")
     without(repr(version), where="the registered model version")
 

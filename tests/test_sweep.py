@@ -4,6 +4,7 @@ job in a real sqlite store, grouped by a shared `sweep` tag, each job writing it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,19 @@ def test_one_finished_run_per_job(sweep):
     by_job(sweep)  # finished_runs_by_job asserts it
 
 
+def test_run_names_lead_with_what_the_sweep_varies(sweep):
+    """The overrides every job shares (debug=fast width=16 tracking.uri=...) would push the
+    varying part out of the runs table's name column and the chart legends."""
+    names = {run.info.run_name for run in sweep["runs"]}
+    assert names == {f"train epochs={epochs}" for epochs in EPOCHS}
+
+
+def test_each_jobs_log_lines_say_which_job_and_config_they_belong_to(sweep):
+    """Parallel jobs (hydra/launcher=joblib) print to one terminal, interleaved."""
+    for job, epochs in enumerate(EPOCHS):
+        assert re.search(rf"\[job {job} epochs={epochs}\] test accuracy [0-9.]+", sweep["log"])
+
+
 def test_runs_share_one_sweep_tag(sweep):
     tags = {r.data.tags.get("sweep") for r in sweep["runs"]}
     assert tags == {str(sweep["dir"])}
@@ -60,7 +74,7 @@ def test_each_run_trained_with_its_own_epochs(sweep):
         assert run.data.params["epochs"] == str(epochs)
         assert run.data.params["width"] == "16"
         assert f"epochs={epochs}" in run.data.tags["hydra_overrides"].split()
-        steps = [step for step, _ in history(sweep["uri"], run.info.run_id, "loss")]
+        steps = [step for step, _ in history(sweep["uri"], run.info.run_id, "train_loss")]
         assert steps == list(range(1, epochs + 1))
 
 

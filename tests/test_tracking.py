@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from run_helpers import (
+    client,
     free_port,
     history,
     isolated_mlflow,
@@ -54,6 +55,100 @@ def test_a_run_that_completes_ends_finished_with_params_and_tags(store: str, tmp
     assert found.data.tags["stage"] == "train"
     assert found.data.tags["dataset_sha256"] == SHA
     assert history(store, run.info.run_id, "loss") == [(1, 1.5)]
+
+
+def test_experiments_are_tagged_as_model_training(store: str, tmp_path: Path):
+    """MLflow 3's UI opens an experiment without this kind on its GenAI overview. An experiment
+    the pipeline creates gets the kind; one it reuses gets it too, unless it has a kind already."""
+    from pipeline.infra.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, tracked_run
+
+    mlflow_client = client(store)
+    untagged = mlflow_client.create_experiment("untagged")
+    chosen = mlflow_client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    for name in ("fresh", "untagged", "chosen"):
+        cfg = settings("debug=fast", f"tracking.uri={store}", f"tracking.experiment={name}")
+        with isolated_mlflow(tmp_path), tracked_run(cfg, "train", SHA):
+            pass
+    kinds = {
+        name: mlflow_client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+        for name in ("fresh", "untagged", "chosen")
+    }
+    assert kinds == {"fresh": EXPERIMENT_KIND, "untagged": EXPERIMENT_KIND, "chosen": "finetuning"}
+    assert mlflow_client.get_experiment(untagged).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert mlflow_client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_ui_links_open_the_model_training_view_without_a_password():
+    from pipeline.infra.tracking import ui_link
+
+    assert ui_link("http://alice:s3cret@mlflow.example:5000/", "7", "abc") == (
+        "http://alice:***@mlflow.example:5000/#/experiments/7/runs/abc"
+        "?workflowType=machine_learning"
+    )
+    # A sqlite store: where `mlflow ui --backend-store-uri ...` serves it by default.
+    assert ui_link("sqlite:////tmp/mlflow.db", "1") == (
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "logged", "not_logged"),
+    [
+        (
+            ("dataset=mnist", "model=mlp"),
+            {"epochs", "batch_size", "width", "seed", "model.name", "model.depth", "dataset.name"},
+            {"model.filters", "dataset.test_fraction", "dataset.split_seed"},
+        ),
+        (
+            ("dataset=digits", "model=lenet5"),
+            {"model.filters", "dataset.test_fraction", "dataset.split_seed", "model.activation"},
+            {"width", "model.depth"},
+        ),
+    ],
+)
+def test_params_are_what_defines_the_run_and_applies_to_it(
+    store: str, tmp_path: Path, overrides, logged, not_logged
+):
+    """Not where it is logged, how fast it trains or where its data comes from (those are tags
+    or nothing), and not the keys its dataset or model type never reads."""
+    from pipeline.infra.tracking import tracked_run
+
+    cfg = settings("debug=fast", *overrides, "threads=1", f"tracking.uri={store}")
+    with isolated_mlflow(tmp_path), tracked_run(cfg, "train", SHA):
+        pass
+    [run] = runs(store, f"digits-{cfg.dataset.name}")
+    params = set(run.data.params)
+    assert logged <= params and not (not_logged & params)
+    plumbing = {"tracking.uri", "tracking.experiment", "threads", "dataset.mirrors"}
+    plumbing |= {"dataset.timeout", "dataset.retries", "dataset.max_file_mb"}
+    assert not (plumbing & params)
+    assert not [
+        p for p in params if p.startswith(("dataset.files", "dataset.train", "dataset.test."))
+    ]
+    assert run.data.tags["threads"] == "1"
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_system_metrics_are_logged_when_switched_on(
+    enabled: bool, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from pipeline.infra.tracking import tracked_run
+
+    # MLflow samples every 10 s and logs after 1 sample by default: make a short run long enough.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    cfg = settings("debug=fast", f"tracking.uri={store}", f"tracking.system_metrics={enabled}")
+    with isolated_mlflow(tmp_path), tracked_run(cfg, "train", SHA):
+        time.sleep(1.5)
+    [run] = runs(store)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    if enabled:
+        assert {
+            "system/cpu_utilization_percentage",
+            "system/system_memory_usage_megabytes",
+        } <= system
+    else:
+        assert not system
 
 
 def _run_that_raises(uri: str, cwd: Path, error: BaseException) -> None:
@@ -159,7 +254,7 @@ def _wait_for_training(uri: str, process, deadline: float):
             pytest.fail(f"the training process exited early with {process.returncode}")
         found = runs(uri)
         running = [r for r in found if r.info.status == "RUNNING"]
-        if running and history(uri, running[0].info.run_id, "loss"):
+        if running and history(uri, running[0].info.run_id, "train_loss"):
             return running[0]
         time.sleep(0.5)
     pytest.fail("no RUNNING run with a logged epoch appeared in time")
@@ -182,7 +277,7 @@ def test_sigterm_kills_the_run_and_keeps_no_outputs(tmp_path, tmp_path_factory):
     assert found.info.run_id == run.info.run_id
     assert found.info.status == "KILLED"
     assert found.info.end_time is not None
-    epochs_done = len(history(uri, run.info.run_id, "loss"))
+    epochs_done = len(history(uri, run.info.run_id, "train_loss"))
     assert 1 <= epochs_done < 200
     assert not (project / "models" / "model.keras").exists()
     assert not (project / "metrics" / "train.json").exists()

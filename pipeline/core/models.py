@@ -40,11 +40,13 @@ Builder = Callable[[Any, Hyper], Any]
 
 @dataclass(frozen=True)
 class Architecture:
-    """A model type: its builder and how many conv layers (`model.filters` entries) it takes."""
+    """A model type: its builder, how many conv layers (`model.filters` entries) it takes, and
+    the Hyper fields its builder never reads (`ignores`)."""
 
     build: Builder
     min_filters: int = 0
     max_filters: int | None = None
+    ignores: frozenset[str] = frozenset()
 
     def filters_expected(self) -> str:
         """What `model.filters` must hold, in words, for config errors."""
@@ -116,9 +118,11 @@ def lenet5(pixels: Any, hp: Hyper) -> Any:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    "mlp": Architecture(mlp),
+    "mlp": Architecture(mlp, ignores=frozenset({"filters"})),
     "cnn": Architecture(cnn, min_filters=1),
-    "lenet5": Architecture(lenet5, min_filters=2, max_filters=2),
+    "lenet5": Architecture(
+        lenet5, min_filters=2, max_filters=2, ignores=frozenset({"width", "depth"})
+    ),
 }
 
 

@@ -34,15 +34,17 @@ def history_rows(history: Mapping[str, Sequence[float]], **extra: int) -> list[d
 
 def history_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Path) -> None:
     """The seed's two panels (cross-entropy loss, accuracy): train red, validation green,
-    one line pair per history (one per fold, or one for a single training run)."""
+    one line pair per history (one per fold, or one for a single training run). A history
+    holds train_loss and train_accuracy, and val_loss and val_accuracy when validated."""
     fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
     for ax, key, title in (
         (loss_ax, "loss", "Cross Entropy Loss"),
         (acc_ax, "accuracy", "Classification Accuracy"),
     ):
         for i, history in enumerate(histories):
-            epochs = np.arange(1, len(history[key]) + 1)
-            ax.plot(epochs, history[key], color=TRAIN_COLOR, label="train" if i == 0 else None)
+            train = history[f"train_{key}"]
+            epochs = np.arange(1, len(train) + 1)
+            ax.plot(epochs, train, color=TRAIN_COLOR, label="train" if i == 0 else None)
             if f"val_{key}" in history:
                 ax.plot(
                     epochs,

@@ -94,6 +94,13 @@ def compile_model(network: keras.Model, *, optimizer: str, learning_rate: float)
     return network
 
 
+def metric_name(keras_name: str) -> str:
+    """The project's name for a Keras history or log key: `loss` -> `train_loss`, `accuracy` ->
+    `train_accuracy`, `val_*` as it is. One vocabulary everywhere (MLflow, metrics/*.json,
+    history.csv, DVC plots): train_, val_, test_ and fold_ prefixes say on which data."""
+    return keras_name if keras_name.startswith("val_") else f"train_{keras_name}"
+
+
 def fit(
     network: keras.Model,
     x: np.ndarray,
@@ -106,7 +113,8 @@ def fit(
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, list[float]]:
     """Train a compiled `network` on `x` (N, features) and one-hot `y` (N, 10); returns the
-    per-epoch history, metric name -> one float per epoch (`val_*` when validating).
+    per-epoch history, metric name (metric_name: `train_loss`, `train_accuracy`, and `val_*`
+    when validating) -> one float per epoch.
 
     `validation_split` holds out that last fraction of `x` (Keras ignores it when
     `validation_data` is given). Keras' progress bar is shown on a terminal only, so CI logs stay
@@ -122,4 +130,4 @@ def fit(
         callbacks=list(callbacks),
         verbose=1 if sys.stdout.isatty() else 0,
     )
-    return {k: [float(v) for v in values] for k, values in history.history.items()}
+    return {metric_name(k): [float(v) for v in values] for k, values in history.history.items()}

@@ -42,6 +42,12 @@ class DatasetConfig:
     test_fraction: float = 0.25
     split_seed: int = 0  # digits only: its fixed train/test split
 
+    @property
+    def split_by_fetch(self) -> bool:
+        """Whether fetch makes the train/test split itself (scikit-learn's digits, by
+        test_fraction and split_seed) instead of downloading the dataset's own."""
+        return self.name == "digits"
+
     def __post_init__(self) -> None:
         names = dataset_names()
         _require(self.name in names, "dataset.name", self.name, f"one of {names}")
@@ -111,6 +117,7 @@ LOCAL_TRACKING_URI = "sqlite:///mlflow.db"
 class TrackingConfig:
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else LOCAL_TRACKING_URI
     experiment: str | None = None
+    system_metrics: bool = False  # MLflow's system/* metrics during each train and crossval run
 
 
 @dataclass
@@ -144,6 +151,16 @@ class Config:
         _require(
             0 <= self.validation_split < 1, "validation_split", self.validation_split, "in [0, 1)"
         )
+
+    def unused_keys(self) -> set[str]:
+        """The flattened keys (e.g. "model.filters") that this run's dataset and model type
+        never read: conv filters on an MLP, width and depth on LeNet-5 (its 120-84 head is the
+        architecture), the split settings of a dataset that comes with its own test set."""
+        ignored = ARCHITECTURES[self.model.name].ignores
+        keys = {"width" if name == "width" else f"model.{name}" for name in ignored}
+        if not self.dataset.split_by_fetch:
+            keys |= {"dataset.test_fraction", "dataset.split_seed"}
+        return keys
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:

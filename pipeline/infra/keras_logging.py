@@ -10,13 +10,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.core.training import keras
+from pipeline.core.training import keras, metric_name
 
 log = logging.getLogger(__name__)
 
 
 class EpochMetricsLogger(keras.callbacks.Callback):
-    """Log each epoch's metrics to the active MLflow run, with step = epoch (1-based).
+    """Log each epoch's metrics to the active MLflow run, with step = epoch (1-based), under the
+    names `fit` returns them by (train_loss, train_accuracy, val_*).
 
     If the store fails mid-training, training goes on (its results are saved locally); the
     stage reports the tracking failure when it logs the final results.
@@ -32,7 +33,8 @@ class EpochMetricsLogger(keras.callbacks.Callback):
         if self.failed:
             return
         try:
-            mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch + 1)
+            metrics = {metric_name(k): float(v) for k, v in (logs or {}).items()}
+            mlflow.log_metrics(metrics, step=epoch + 1)
         except Exception as err:
             self.failed = True
             log.warning("MLflow logging failed (%s); training continues without it", err)

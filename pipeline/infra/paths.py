@@ -16,4 +16,7 @@ REPORTS_DIR = Path("reports")  # report.html, report.md
 COMPARE_DIR = Path("compare")  # pipeline.compare's tables (not a DVC output: kept out of reports/)
 
 # Not under the working directory: the conf/ beside the package (the stages' Hydra config_path).
+# Absolute on purpose: Hydra resolves a relative config_path against the calling module, which
+# for an installed command (`digit-train`) is the package pipeline.train, not a file, and finds
+# no conf/ there.
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"

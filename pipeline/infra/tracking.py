@@ -24,6 +24,8 @@ from pipeline.infra.reconcile import close_dead_runs, end_active_run, process_ta
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
+# What `mlflow ui` and `mlflow server` serve on by default.
+DEFAULT_UI = "http://127.0.0.1:5000"
 
 
 def project_root() -> Path:
@@ -50,9 +52,9 @@ def store_uri(uri: str | None = None) -> str:
     variable, else the project's own sqlite store, mlflow.db in the project root. A relative
     sqlite path is made absolute against the project root (absolute_uri)."""
     uri = absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING_URI)
-    if redact(uri) != uri:
-        # MLflow prints "View run ... at: <this URI>/#/..." when a run on a server ends.
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    # MLflow prints "View run ... at: <this URI>/#/..." when a run on a server ends: a link to
+    # its GenAI view, with the URI's password in clear. The stages log ui_link instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return uri
 
 
@@ -124,10 +126,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys that say where a run is logged, how fast it trains or where its data comes from, not what
+# it is: never params. The data itself is identified by the tag dataset_sha256.
+NOT_PARAMS = (
+    "tracking.", "threads", "dataset.mirrors", "dataset.timeout", "dataset.retries",
+    "dataset.max_file_mb", "dataset.files.", "dataset.train.", "dataset.test.",
+)  # fmt: skip
+
+
 def config_params(cfg: Config) -> dict[str, Any]:
-    """The resolved config as flat MLflow params (checksums left out: they are tagged)."""
+    """The resolved config as flat MLflow params: what defines the run's result, and only the
+    keys that apply to its dataset and model (no `model.filters` on an MLP, no digits-only
+    `dataset.test_fraction` on MNIST)."""
     params = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))  # type: ignore[arg-type]
-    return {k: v for k, v in params.items() if not k.startswith("dataset.files.")}
+    unused = cfg.unused_keys()
+    return {k: v for k, v in params.items() if not k.startswith(NOT_PARAMS) and k not in unused}
 
 
 def _git_commit() -> str | None:
@@ -140,19 +153,67 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
 
 
+# Settings that change where a run is logged or how fast it trains, not its result: left out of
+# run names.
+PLUMBING_KEYS = ("tracking", "threads")
+
+
+def swept_keys(hydra_cfg: Any) -> set[str]:
+    """The keys a multirun varies: its command line's sweep overrides (`epochs=5,10`, which
+    Hydra's basic sweeper saves in <sweep dir>/multirun.yaml before it launches the jobs) and a
+    sweeper's own search space (`hydra.sweeper.params`, e.g. Optuna's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = set(OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {})
+    saved = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+    if saved.is_file():
+        task = OmegaConf.load(saved).hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides(list(task))
+        keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return keys
+
+
+def run_name(stage: str, hydra_cfg: Any | None) -> str:
+    """What tells the run apart from its neighbours in the runs table and chart legends: in a
+    sweep, this job's values of the swept keys (`crossval width=64 epochs=10`); else its
+    overrides. A DVC experiment's name comes first. Plumbing keys and passwords left out."""
+    return " ".join([stage, run_label(hydra_cfg)]).strip()
+
+
+def run_label(hydra_cfg: Any | None) -> str:
+    """run_name without the stage: `width=64 epochs=10` for a sweep job (see run_name)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    parts = [os.environ["DVC_EXP_NAME"]] if os.environ.get("DVC_EXP_NAME") else []
+    if hydra_cfg is not None:
+        task = list(hydra_cfg.overrides.task)
+        keys = [o.key_or_group for o in OverridesParser.create().parse_overrides(task)]
+        swept = swept_keys(hydra_cfg) if hydra_cfg.mode == RunMode.MULTIRUN else set()
+        shown = swept & set(keys) or {k for k in keys if k.split(".")[0] not in PLUMBING_KEYS}
+        parts += [redact(text) for key, text in zip(keys, task, strict=True) if key in shown]
+    return " ".join(parts)
+
+
 def sweep_tag(hydra_cfg: Any) -> str:
     """The `sweep` tag every job of one multirun carries (its grouping key): the sweep folder."""
     return str(hydra_cfg.sweep.dir)
 
 
+def _hydra_config() -> Any | None:
+    """This job's Hydra config; None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
 def hydra_tags() -> dict[str, str]:
     """The command-line overrides, and the sweep a multirun job belongs to (its grouping key)."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None:
         return {}
-    hydra_cfg = HydraConfig.get()
     tags = {"hydra_overrides": redact(" ".join(hydra_cfg.overrides.task))}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         tags["sweep"] = sweep_tag(hydra_cfg)
@@ -195,6 +256,7 @@ def _open_store(uri: str, experiment: str) -> str:
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 found = _create_experiment(client, experiment, _artifact_location(uri, experiment))
+            _mark_model_training(client, found)
     except Exception as err:  # mlflow raises many types for a bad store
         raise TrackingError(f"cannot open MLflow store {uri}: {first_line(err)}") from None
     if found.lifecycle_stage == "deleted":
@@ -208,6 +270,28 @@ def _open_store(uri: str, experiment: str) -> str:
     return found.experiment_id
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, judges, prompts) unless the
+# experiment is of this kind; the same kind the UI's own "Machine learning" choice sets.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def _mark_model_training(client: Any, experiment: Any) -> None:
+    """Tag the experiment as model training unless it already has a kind (a user's choice
+    stands)."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where the MLflow UI shows the experiment's runs table (or one run), in its model-training
+    view (the URL parameter `workflowType=machine_learning`; MLflow 3 defaults to its GenAI view
+    otherwise). For a sqlite store, the address `mlflow ui` serves by default. Passwords masked."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    page = f"/#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return redact(f"{base}{page}?workflowType=machine_learning")
+
+
 def _create_experiment(client: Any, experiment: str, location: str | None) -> Any:
     """Create the experiment, or take the one a parallel job created a moment earlier: on a
     tracking server no file lock orders the jobs, so on a fresh server the jobs of a sweep race
@@ -216,7 +300,11 @@ def _create_experiment(client: Any, experiment: str, location: str | None) -> An
 
     try:
         return client.get_experiment(
-            client.create_experiment(experiment, artifact_location=location)
+            client.create_experiment(
+                experiment,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
         )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -328,19 +416,23 @@ def tracked_run(
     experiment_id = _experiment_id(cfg)
     mlflow.set_tracking_uri(tracking_uri(cfg))
     tags = {"stage": stage, "dataset": cfg.dataset.name, "dataset_sha256": dataset_sha256}
+    tags["threads"] = str(cfg.threads)  # how fast, not what: a tag (fit_seconds depends on it)
     tags.update(hydra_tags())
     tags.update(dvc_tags())
     tags.update(process_tags())
     if commit := _git_commit():
         tags["git_commit"] = commit
-    run_name = f"{stage} {tags.get('hydra_overrides', '')}".strip()  # e.g. "train epochs=10"
     with store_errors(cfg, "nothing yet: the stage has not started"):
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name(stage, _hydra_config()),
+            tags=tags,
+            log_system_metrics=cfg.tracking.system_metrics,
+        )
     with _ended_with_status():
         with store_errors(cfg, "nothing yet: the stage has not started"):
             # The store the run is in, not tracking.uri's null, which means "resolve it".
-            params = {**config_params(cfg), "tracking.uri": tracking_uri(cfg)}
-            mlflow.log_params(redacted(params))
+            mlflow.log_params(redacted(config_params(cfg)))
             mlflow.log_input(
                 dataset_input(cfg.dataset.name, dataset_sha256, prepared_dir), context=stage
             )
@@ -349,19 +441,28 @@ def tracked_run(
 
 @contextlib.contextmanager
 def child_run(name: str, tags: Mapping[str, str]) -> Iterator[Any]:
-    """A nested run (e.g. one CV fold) under the active run, in the same experiment, with the
-    DVC experiment tags of its parent."""
+    """A nested run (e.g. one CV fold) under the active run, in the same experiment, with its
+    parent's params and tags (sweep, overrides, dataset, DVC experiment), then `tags`: so a
+    filter such as `tags.sweep = "..."` or `params.epochs = "3"` keeps the folds with their
+    parent, and the runs table shows their settings."""
     import mlflow
 
-    parent = mlflow.active_run()
+    parent = mlflow.get_run(mlflow.active_run().info.run_id).data
+    inherited = {k: v for k, v in parent.tags.items() if not k.startswith("mlflow.")}
     run = mlflow.start_run(
-        experiment_id=parent.info.experiment_id,
+        experiment_id=mlflow.active_run().info.experiment_id,
         run_name=name,
         nested=True,
-        tags={**tags, **dvc_tags(), **process_tags()},
+        tags={**inherited, **tags, **process_tags()},
     )
     with _ended_with_status():
+        mlflow.log_params(parent.params)
         yield run
+
+
+def run_link(run: Any, cfg: Config) -> str:
+    """The run's page in the MLflow UI (ui_link), for the stages' last log line."""
+    return ui_link(tracking_uri(cfg), run.info.experiment_id, run.info.run_id)
 
 
 def run_record(run: Any, cfg: Config, dataset_sha256: str) -> dict[str, Any]:
