@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -46,6 +47,10 @@ class TagBestTrial(Callback):
     SystemExit: one line, exit 1, like a stage's errors."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not sys.stderr.isatty():
+            # Optuna's log lines are coloured by colorlog whatever the stream; colorlog honours
+            # NO_COLOR (no-color.org). Before the sweeper creates its study and logs.
+            os.environ.setdefault("NO_COLOR", "1")
         if config.hydra.job.name != STAGE:
             raise SystemExit(
                 f"error: a hyper-parameter search optimizes cross-validated accuracy: run it with "
