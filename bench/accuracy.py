@@ -30,7 +30,8 @@ def main() -> None:
 
     def train_metrics(*overrides: str) -> dict:
         common.run([*train, *overrides], work)
-        return json.loads((work / "metrics" / "train.json").read_text())
+        metrics = json.loads((work / "metrics" / "train.json").read_text())
+        return {**metrics, **json.loads((work / "runs" / "train.json").read_text())["timing"]}
 
     rows = []
     for seed in range(1, args.seeds + 1):

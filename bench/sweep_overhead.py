@@ -21,7 +21,7 @@ def main() -> None:
     args = p.parse_args()
     work = common.workdir(args)
     single = common.run(common.stage_cmd("train", "epochs=1"), work)
-    single_fit = json.loads((work / "metrics" / "train.json").read_text())["fit_seconds"]
+    single_fit = json.loads((work / "runs" / "train.json").read_text())["timing"]["fit_seconds"]
     sweep_dir = work / "multirun" / "bench"
     sweep = common.run(
         common.stage_cmd(
@@ -30,7 +30,9 @@ def main() -> None:
         work,
     )
     fits = [
-        json.loads((sweep_dir / str(i) / "metrics" / "train.json").read_text())["fit_seconds"]
+        json.loads((sweep_dir / str(i) / "runs" / "train.json").read_text())["timing"][
+            "fit_seconds"
+        ]
         for i in range(args.jobs)
     ]
     # What each job adds beyond its own training, once the process is up (start-up is paid once).

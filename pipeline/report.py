@@ -166,6 +166,9 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
     )
 
     tm, cv, summary = inputs.train_metrics, inputs.crossval_metrics, inputs.summary
+    # A run record written before timing moved out of metrics/train.json has none.
+    timing = inputs.train_run.get("timing")
+    fit_time = f"; fit took {timing['fit_seconds']:.1f} s" if timing else ""
     trained = inputs.train_run["config"]
     # Both ran on this data (check_same_data); other settings make crossval's numbers those of
     # another model than the one shown, which is worth saying but not refusing.
@@ -194,8 +197,7 @@ def build_report(inputs: ReportInputs, out_dir: Path) -> tuple[Path, Path]:
                 Headline(headline(tm)),
                 Text(
                     f"{trained['model']['name']}, width {trained['width']}, "
-                    f"{trained['epochs']} epochs, batch {trained['batch_size']}; "
-                    f"fit took {tm['fit_seconds']:.1f} s."
+                    f"{trained['epochs']} epochs, batch {trained['batch_size']}{fit_time}."
                 ),
             ],
         ),

@@ -288,12 +288,15 @@ class DvcProject:
     env: dict[str, str]
     first_repro: str = ""  # stdout of the first `dvc repro`, for the tests that run one
 
-    def run(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """Run a command in the copy; fail the test with its output if it fails."""
+    def run(
+        self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the copy (with `env`, default the copy's); fail the test with its
+        output if it fails."""
         done = subprocess.run(
             list(args),
             cwd=self.root,
-            env=self.env,
+            env=self.env if env is None else env,
             capture_output=True,
             text=True,
             timeout=timeout,

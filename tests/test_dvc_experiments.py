@@ -9,8 +9,11 @@ find them. Real DVC in a throw-away git repository on the test-size preset (digi
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from run_helpers import (
+    PROJECT_ROOT,
     DvcProject,
     cli_env,
     client,
@@ -292,6 +296,45 @@ def test_temp_and_queued_experiments_log_to_the_project_store(
         # Named after the experiment, not all "train" / "crossval".
         assert train.info.run_name == f"train {name}"
     assert not list((project.root / ".dvc" / "tmp").rglob(STORE)), "a store left in a temp copy"
+
+
+def _readme_exp_show() -> list[str]:
+    """The compact `dvc exp show` command the README's experiment loop gives."""
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    [line] = [x for x in readme.splitlines() if x.startswith("dvc exp show --only-changed")]
+    return shlex.split(line.split("  #")[0])
+
+
+@pytest.mark.slow
+def test_exp_show_fits_120_columns_with_the_knobs_and_accuracies(
+    project: DvcProject, experiments: dict[str, str]
+) -> None:
+    """The README's `dvc exp show` in a 120-column terminal: every experiment, the knobs they
+    vary (epochs, width) and the accuracies, nothing cut off; and what defines no result
+    (timing, where runs are logged, threads, mirrors) is no column of `--param-deps`."""
+    env = {**project.env, "COLUMNS": "120"}
+    shown = project.run(*_readme_exp_show(), "--no-pager", env=env).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, shown
+    assert "…" not in shown, f"a column was cut off:\n{shown}"
+    header = next(x.split() for x in lines if "Experiment" in x)
+    assert header == ["Experiment", "test_accuracy", "accuracy_mean", "accuracy_std", "epochs",
+                      "width"], shown  # fmt: skip
+    assert all(any(name in x for x in lines) for name in experiments), shown
+
+    # The baseline commit has no dvc.lock, so DVC shows all of its params.yaml; an experiment
+    # shows its DVC params only.
+    every = project.run("dvc", "exp", "show", "--param-deps", "--csv", env=env).stdout
+    rows = [r for r in csv.DictReader(io.StringIO(every)) if r["Experiment"] in experiments]
+    assert len(rows) == len(experiments), every
+    assert {"test_accuracy", "accuracy_mean", "epochs", "batch_size", "folds", "width"} <= set(
+        rows[0]
+    )
+    assert not {"fit_seconds", "seconds_per_epoch"} & set(rows[0])
+    for row in rows:
+        assert row["test_accuracy"] not in ("", "!") and row["epochs"] != "", row
+        none = ("tracking.uri", "threads", "dataset.mirrors", "dataset.timeout")
+        assert all(row.get(key, "") == "" for key in none), row
 
 
 @pytest.mark.slow

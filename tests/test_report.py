@@ -146,8 +146,6 @@ def _inputs(figures: dict[str, Path], predicted: np.ndarray = PREDICTED) -> Repo
             "test_loss": 0.8765,
             "train_accuracy": 0.8,
             "train_loss": 0.6,
-            "fit_seconds": 1.25,
-            "seconds_per_epoch": 0.42,
         },
         crossval_metrics={
             "accuracy_mean": 0.75,
@@ -156,7 +154,12 @@ def _inputs(figures: dict[str, Path], predicted: np.ndarray = PREDICTED) -> Repo
             "loss_std": 0.1,
             "fold_accuracy": dict(FOLD_ACCURACY),
         },
-        train_run={"run_id": TRAIN_RUN_ID, "experiment_id": "1", **run},
+        train_run={
+            "run_id": TRAIN_RUN_ID,
+            "experiment_id": "1",
+            "timing": {"fit_seconds": 1.25, "seconds_per_epoch": 0.42},
+            **run,
+        },
         crossval_run={"run_id": CROSSVAL_RUN_ID, "experiment_id": "1", **run},
         actual=ACTUAL,
         predicted=predicted,

@@ -245,6 +245,19 @@ def test_run_record_points_at_the_run(trained: Trained, prepared: Path):
     assert record["config"]["model"]["name"] == "mlp"
 
 
+def test_timing_is_in_the_run_record_and_mlflow_not_in_the_metrics(trained: Trained):
+    """How long a fit took defines no result: it is not a DVC metric (it would crowd `dvc exp
+    show` and make every `dvc metrics diff` differ), but the run record and MLflow keep it."""
+    written = json.loads((trained.out / "metrics" / "train.json").read_text())
+    assert not {"fit_seconds", "seconds_per_epoch"} & set(written)
+    timing = json.loads((trained.out / "runs" / "train.json").read_text())["timing"]
+    assert timing["fit_seconds"] > 0
+    assert timing["seconds_per_epoch"] == pytest.approx(timing["fit_seconds"] / EPOCHS)
+    logged = trained.run.data.metrics
+    assert logged["fit_seconds"] == pytest.approx(timing["fit_seconds"])
+    assert logged["seconds_per_epoch"] == pytest.approx(timing["seconds_per_epoch"])
+
+
 # --------------------------------------------------------------------------- other configs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import signal
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.infra.config import Config, validate
 from pipeline.infra.credentials import redact, redact_log_records
@@ -52,6 +53,63 @@ def output_root() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if _in_sweep_job() else Path(".")
+
+
+# Each stage's workspace lock, <stage>.lock (git-ignored), relative to the workspace root.
+LOCKS_DIR = Path(".locks")
+
+
+@contextlib.contextmanager
+def one_run_at_a_time() -> Iterator[None]:
+    """Hold this stage's lock in this workspace for the whole run, or refuse at once in one
+    line: two runs of one stage writing the same outputs would leave one run's model beside the
+    other's metrics. Refusing (not waiting) tells the user at once instead of overwriting the
+    first run's outputs later, as DVC refuses a second `dvc repro` in one workspace. A sweep's
+    jobs write into their own folders and run in parallel; they take no lock. The lock is an
+    flock (filelock), which the kernel releases when its holder dies, even of kill -9."""
+    from filelock import FileLock, Timeout
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or _in_sweep_job():
+        yield
+        return
+    stage = HydraConfig.get().job.name
+    LOCKS_DIR.mkdir(exist_ok=True)
+    lock = FileLock(LOCKS_DIR / f"{stage}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise PipelineError(
+            f"another {stage} run is in progress in this workspace ({Path.cwd()}; it holds "
+            f"{LOCKS_DIR / stage}.lock), and a second would mix its outputs with the first's. "
+            "Fix: wait for it to finish, or run experiments side by side as a sweep (-m) or "
+            "with `dvc exp run --queue`, which write elsewhere"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def claim_sweep_dir(base: str) -> str:
+    """The folder a sweep writes into, created here: `base`, else `base`_2, `base`_3, ..., the
+    first that did not exist (mkdir is atomic, also between processes). conf/config.yaml names a
+    sweep's folder by the second it starts in (`${unique_dir:multirun/<date>/<time>}`), and the
+    folder is the `sweep` tag of its runs: without this, two sweeps started in the same second
+    would write into one folder and compare would merge them. Registered with use_cache, and
+    Hydra copies a sweep's resolver cache into each job's config, so one sweep claims once."""
+    for n in itertools.count(1):
+        name = base if n == 1 else f"{base}_{n}"
+        try:
+            Path(name).mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return name
+    raise AssertionError("unreachable")
+
+
+if not OmegaConf.has_resolver("unique_dir"):
+    OmegaConf.register_new_resolver("unique_dir", claim_sweep_dir, use_cache=True)
 
 
 def check_prepared_dataset(prepared_dir: Path, dataset: str) -> None:
@@ -160,7 +218,7 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
         settings = validate(cfg)
         _label_sweep_job_logs()
         remove_stale_temp_files(output_root())  # left by writers killed with kill -9
-        with sigterm_as_interrupt():
+        with one_run_at_a_time(), sigterm_as_interrupt():
             return stage(settings)
     except PipelineError as err:
         _fail(f"error: {err}")
