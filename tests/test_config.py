@@ -34,7 +34,7 @@ def test_conf_groups_hold_exactly_the_expected_options():
 
 
 def test_default_config_validates():
-    cfg = validate(compose())
+    cfg = validate(compose("~experiment"))  # the classic defaults, under any promoted preset
     assert isinstance(cfg, Config)
     assert (cfg.epochs, cfg.batch_size, cfg.folds, cfg.width) == (5, 128, 5, 512)
     assert cfg.dataset.name == "mnist"
@@ -187,7 +187,7 @@ def test_train_cli_bad_config_does_not_import_tensorflow(tmp_path):
 
 
 def test_cfg_job_prints_the_resolved_config(cli, tmp_path):
-    result = cli(tmp_path, "pipeline.fetch", "--cfg", "job")
+    result = cli(tmp_path, "pipeline.fetch", "~experiment", "--cfg", "job")  # conf/'s defaults
     assert result.returncode == 0, result.stderr
     assert "epochs: 5" in result.stdout
     assert "name: mnist" in result.stdout
