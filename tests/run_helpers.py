@@ -35,6 +35,8 @@ CONF_DIR = PROJECT_ROOT / "conf"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "digits-digits"  # experiment_name() for dataset=digits with tracking.experiment=null
 STAGES = ("fetch", "preprocess", "train", "crossval", "report")  # in dvc.yaml's order
+# Every stage of dvc.yaml: first `params` (params.yaml against the schema), then the pipeline's.
+DVC_STAGES = ("params", *STAGES)
 # The sections every report has (its <h2> headings start with these).
 REPORT_SECTIONS = (
     "Test result",
@@ -288,12 +290,10 @@ class DvcProject:
     env: dict[str, str]
     first_repro: str = ""  # stdout of the first `dvc repro`, for the tests that run one
 
-    def run(
-        self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    def _call(
+        self, args: tuple[str, ...], timeout: float, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in the copy (with `env`, default the copy's); fail the test with its
-        output if it fails."""
-        done = subprocess.run(
+        return subprocess.run(
             list(args),
             cwd=self.root,
             env=self.env if env is None else env,
@@ -302,6 +302,13 @@ class DvcProject:
             timeout=timeout,
             check=False,
         )
+
+    def run(
+        self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the copy (with `env`, default the copy's); fail the test with its
+        output if it fails."""
+        done = self._call(args, timeout, env)
         assert done.returncode == 0, (
             f"{' '.join(args)} exited {done.returncode}\n"
             f"--- stdout\n{done.stdout[-6000:]}\n--- stderr\n{done.stderr[-6000:]}"
@@ -310,6 +317,12 @@ class DvcProject:
 
     def python(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run(sys.executable, *args)
+
+    def fails(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Run a command in the copy that must fail; fail the test if it succeeds."""
+        done = self._call(args, timeout)
+        assert done.returncode != 0, f"{' '.join(args)} succeeded\n{done.stdout[-6000:]}"
+        return done
 
     def dvc(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run("dvc", *args)

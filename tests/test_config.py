@@ -34,7 +34,7 @@ def test_conf_groups_hold_exactly_the_expected_options():
 
 
 def test_default_config_validates():
-    cfg = validate(compose())
+    cfg = validate(compose("~experiment"))  # the classic defaults, under any promoted preset
     assert isinstance(cfg, Config)
     assert (cfg.epochs, cfg.batch_size, cfg.folds, cfg.width) == (5, 128, 5, 512)
     assert cfg.dataset.name == "mnist"
@@ -126,6 +126,22 @@ def test_the_schema_takes_its_model_names_from_the_builders():
     assert all(name in str(raised.value) for name in ARCHITECTURES)
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+epoch=3", "(did you mean 'epochs'?)"),
+        ("+model.optimiser=adam", "(did you mean 'model.optimizer'?)"),
+        ("+anything=1", "(valid keys: dataset, model, tracking, crossval, epochs, batch_size,"),
+    ],
+)
+def test_an_unknown_key_is_answered_with_the_closest_valid_one(override, expected):
+    """A misspelt key (`dvc exp run -S +epoch=3`) names the key the schema has (difflib's
+    closest), or the valid keys at that level when none is close."""
+    with pytest.raises(ConfigError) as raised:
+        validate(compose(override))
+    assert expected in str(raised.value) and "\n" not in str(raised.value), raised.value
+
+
 def test_validate_accepts_a_plain_dict():
     assert validate({"epochs": 3, "model": {"name": "cnn", "filters": [8]}}).epochs == 3
     with pytest.raises(ConfigError, match=r"'model\.nope'"):
@@ -171,7 +187,7 @@ def test_train_cli_bad_config_does_not_import_tensorflow(tmp_path):
 
 
 def test_cfg_job_prints_the_resolved_config(cli, tmp_path):
-    result = cli(tmp_path, "pipeline.fetch", "--cfg", "job")
+    result = cli(tmp_path, "pipeline.fetch", "~experiment", "--cfg", "job")  # conf/'s defaults
     assert result.returncode == 0, result.stderr
     assert "epochs: 5" in result.stdout
     assert "name: mnist" in result.stdout

@@ -6,19 +6,23 @@ One copy serves the whole module, in this order: the first `dvc repro` (all five
 of what it wrote, a second `dvc repro` (nothing to do), an edit of the image grids' code (only
 preprocess and report are stale), an epochs change in conf/ (only train, crossval and report
 re-run), then `dvc exp run -S epochs=3` (DVC recomposes params.yaml from conf/ and the training
-really uses 3 epochs). Each later step is a module fixture that builds on the earlier ones, so
-any single test can also be run alone.
+really uses 3 epochs), then the promotion loop (`dvc exp apply`, `python -m pipeline.params
+--promote`, commit: up to date). Between the second repro and the epochs change, invalid params
+(`-S +epoch=3`, a hand-edited params.yaml) are refused before any output is touched and the
+project is put back as it was. Each later step is a module fixture that builds on the earlier
+ones, so any single test can also be run alone.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from run_helpers import REPORT_SECTIONS, STAGES, DvcProject, dvc_project
+from run_helpers import DVC_STAGES, REPORT_SECTIONS, STAGES, DvcProject, dvc_project
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +84,9 @@ def _skipped(stdout: str) -> set[str]:
 
 def test_first_repro_runs_every_stage_in_order(project: DvcProject) -> None:
     out = project.first_repro
-    positions = [out.index(f"Running stage '{stage}'") for stage in STAGES]
+    positions = [out.index(f"Running stage '{stage}'") for stage in DVC_STAGES]
     assert positions == sorted(positions), "stages ran out of dependency order"
+    assert "> python -m pipeline.params --validate" in out
     for stage in STAGES:
         assert f"> python -m pipeline.{stage} --config-dir . --config-name params" in out
     assert not _skipped(out)
@@ -115,7 +120,7 @@ def test_outputs_exist(project: DvcProject) -> None:
         assert (root / name).is_file(), name
         assert (root / name).stat().st_size > 0, name
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
-    assert set(lock["stages"]) == set(STAGES)
+    assert set(lock["stages"]) == set(DVC_STAGES)
 
 
 def test_report_is_complete_and_self_contained(project: DvcProject) -> None:
@@ -141,7 +146,12 @@ def test_report_is_complete_and_self_contained(project: DvcProject) -> None:
 def test_second_repro_has_nothing_to_do(second_repro: str) -> None:
     assert "Data and pipelines are up to date" in second_repro
     assert not _ran(second_repro)
-    assert _skipped(second_repro) == set(STAGES)
+    assert _skipped(second_repro) == set(DVC_STAGES)
+
+
+def test_an_unchanged_project_is_up_to_date(project: DvcProject, second_repro: str) -> None:
+    """The params check re-runs only when params.yaml (or the schema) changes."""
+    assert project.dvc("status").stdout.strip() == "Data and pipelines are up to date."
 
 
 def test_editing_the_image_grids_stales_only_the_stages_that_draw_them(
@@ -203,11 +213,101 @@ def test_mlflow_runs_of_the_stages_all_finished(project: DvcProject, second_repr
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+# --------------------------------------------------------------------------- invalid params
+
+# What a refused run must leave as it was (DVC would remove a stage's outputs before running it).
+KEPT = (
+    "models/model.keras",
+    "metrics/train.json",
+    "metrics/crossval.json",
+    "runs/train.json",
+    "runs/crossval.json",
+    "reports/report.html",
+    "data/prepared/train.npz",
+)
+
+
+def _kept(project: DvcProject) -> dict[str, bytes]:
+    return {name: (project.root / name).read_bytes() for name in KEPT}
+
+
+def _experiments(project: DvcProject) -> str:
+    return project.dvc("exp", "list", "--all-commits").stdout
+
+
+def _error_lines(done) -> list[str]:
+    return [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def refused(project: DvcProject, second_repro: str) -> dict:
+    """`dvc exp run -S +epoch=3` and `-S +anything=1`, `dvc repro` with `epochs: -1` written into
+    params.yaml by hand, and `dvc repro -s train` (past the params check) with it; after each,
+    the outputs and experiments as they then were. params.yaml is regenerated after each (DVC
+    leaves the refused one in the workspace) and `dvc checkout train` restores what `-s train`
+    removed, so the project ends as it began."""
+    found: dict = {"before": (_kept(project), _experiments(project))}
+    for override in ("+epoch=3", "+anything=1"):
+        done = project.fails("dvc", "exp", "run", "-S", override)
+        found[override] = (done, _kept(project), _experiments(project))
+        project.python("-m", "pipeline.params")
+    params = project.root / "params.yaml"
+    text = params.read_text(encoding="utf-8")
+    params.write_text(re.sub(r"^epochs: \d+$", "epochs: -1", text, flags=re.M), encoding="utf-8")
+    done = project.fails("dvc", "repro")
+    found["repro"] = (done, _kept(project), _experiments(project))
+    done = project.fails("dvc", "repro", "-s", "train")
+    found["repro -s train"] = (done, (project.root / "models/model.keras").exists())
+    params.write_text(text, encoding="utf-8")
+    project.dvc("checkout", "train")
+    found["after"] = (_kept(project), project.dvc("status").stdout)
+    return found
+
+
+@pytest.mark.parametrize("override", ["+epoch=3", "+anything=1"])
+def test_exp_run_with_an_unknown_key_is_refused_and_records_nothing(
+    refused: dict, override: str
+) -> None:
+    """Every other stage is cached (none lists the new key), yet the params check stops the run
+    in one line naming the key, before any output is touched; no experiment is recorded."""
+    done, kept, experiments = refused[override]
+    [line] = _error_lines(done)
+    key = override.removeprefix("+").split("=")[0]
+    assert f"'{key}'" in line and "No stage ran and no output was touched" in line, line
+    if key == "epoch":
+        assert "(did you mean 'epochs'?)" in line, line
+    assert "failed to reproduce 'params'" in done.stderr
+    assert not _ran(done.stdout) - {"params"}, done.stdout
+    assert (kept, experiments) == refused["before"]
+
+
+def test_an_invalid_params_yaml_under_repro_is_refused_before_any_output_is_removed(
+    refused: dict,
+) -> None:
+    done, kept, experiments = refused["repro"]
+    [line] = _error_lines(done)
+    assert "epochs=-1 is invalid" in line and "dvc checkout" not in line, line
+    assert _ran(done.stdout) == {"params"}, done.stdout
+    assert (kept, experiments) == refused["before"]
+
+
+def test_a_stage_refusal_under_dvc_names_dvc_checkout(refused: dict) -> None:
+    """Past the params check (`dvc repro -s train`), DVC removes train's outputs before the stage
+    refuses the value: the one line says so and how to get them back, which works."""
+    done, model_left = refused["repro -s train"]
+    [line] = _error_lines(done)
+    assert "epochs=-1 is invalid" in line and "`dvc checkout train` restores them" in line, line
+    assert not model_left
+    kept, status = refused["after"]
+    assert kept == refused["before"][0]
+    assert status.strip() == "Data and pipelines are up to date."
+
+
 # --------------------------------------------------------------------------- changing params
 
 
 def test_epochs_change_reruns_only_what_depends_on_it(epochs_changed: str) -> None:
-    assert _ran(epochs_changed) == {"train", "crossval", "report"}
+    assert _ran(epochs_changed) == {"params", "train", "crossval", "report"}
     assert _skipped(epochs_changed) == {"fetch", "preprocess"}
 
 
@@ -222,7 +322,7 @@ def test_exp_run_set_param_reaches_training_through_hydra(
     project: DvcProject, experiment: str
 ) -> None:
     assert "Ran experiment(s)" in experiment
-    assert _ran(experiment) == {"train", "crossval", "report"}
+    assert _ran(experiment) == {"params", "train", "crossval", "report"}
     assert _skipped(experiment) == {"fetch", "preprocess"}
     # DVC recomposed params.yaml from conf/ + the override; conf/ itself is unchanged
     assert project.params()["epochs"] == 3
@@ -248,3 +348,49 @@ def test_all_mlflow_runs_finished_after_the_experiment(
     trains = [r for r in runs if r.data.tags.get("stage") == "train"]
     assert [r.data.params["epochs"] for r in trains] == ["3", "2", "1"]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+# --------------------------------------------------------------------------- promotion loop
+
+
+@pytest.fixture(scope="module")
+def promoted(project: DvcProject, experiment: str) -> dict:
+    """The promotion loop: `dvc exp run -n stratified -S crossval.stratified=true` (a key the
+    test-size preset leaves alone, which a preset can therefore set; train comes from DVC's run
+    cache), back to the committed baseline, `dvc exp apply stratified`, `--check` (fails naming
+    the key), `--promote stratified`, `--check`, commit; then `dvc status` and `dvc repro`."""
+    project.dvc("exp", "run", "-n", "stratified", "-S", "crossval.stratified=true")
+    metrics = (project.root / "metrics/crossval.json").read_bytes()
+    project.git("checkout", "--", "params.yaml", "dvc.lock")
+    project.dvc("checkout")
+    project.python("-m", "pipeline.params", "--check")  # the baseline agrees with conf/
+    project.dvc("exp", "apply", "stratified")
+    stale = project.fails(sys.executable, "-m", "pipeline.params", "--check")
+    project.python("-m", "pipeline.params", "--promote", "stratified")
+    project.python("-m", "pipeline.params", "--check")
+    project.git("add", "-A")
+    project.git("commit", "-q", "-m", "promote stratified")
+    return {
+        "stale": stale,
+        "metrics": (metrics, (project.root / "metrics/crossval.json").read_bytes()),
+        "preset": yaml.safe_load((project.root / "conf/experiment/stratified.yaml").read_text()),
+        "status": project.dvc("status").stdout,
+        "repro": project.dvc("repro").stdout,
+        "git": project.git("status", "--porcelain").stdout,
+    }
+
+
+def test_check_names_the_keys_an_applied_experiment_changed(promoted: dict) -> None:
+    [line] = _error_lines(promoted["stale"])
+    assert "crossval.stratified=True (conf/: False)" in line and "--promote NAME" in line, line
+
+
+def test_a_promoted_experiment_is_the_committed_project(promoted: dict) -> None:
+    """conf/experiment/stratified.yaml holds the experiment's one change; once committed, the
+    project is that experiment: nothing to re-run, its metrics in the workspace."""
+    assert promoted["preset"] == {"crossval": {"stratified": True}}
+    assert promoted["status"].strip() == "Data and pipelines are up to date."
+    assert "Data and pipelines are up to date" in promoted["repro"]
+    assert not _ran(promoted["repro"])
+    assert promoted["metrics"][0] == promoted["metrics"][1]
+    assert promoted["git"] == ""

@@ -164,7 +164,7 @@ def test_interrupt_stops_dvc_repro_and_keeps_nothing_partial(
         assert not (root / name).exists(), name
     assert _temp_files(root) == []
     lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))
-    assert set(lock["stages"]) == {"fetch", "preprocess"}  # train recorded nothing
+    assert set(lock["stages"]) == {"params", "fetch", "preprocess"}  # train recorded nothing
     runs = {r.info.run_id: r for r in project.mlflow_runs()}
     assert runs[run_id].info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in runs.values()}

@@ -145,7 +145,8 @@ def test_schema_defaults_equal_conf_defaults() -> None:
     """The dataclass defaults of pipeline/infra/config.py are conf/ composed with its default
     choices, key by key: two sets of defaults that cannot drift apart. conf/ is the source of
     truth; on a failure, fix the schema's default."""
-    composed = OmegaConf.to_container(compose(), resolve=True)
+    # without an experiment preset: one that `--promote` selected holds an experiment's values
+    composed = OmegaConf.to_container(compose("~experiment"), resolve=True)
     found = _default_drift(_schema_defaults(), composed)  # type: ignore[arg-type]
     assert not found, "\n".join(found)
 
@@ -172,7 +173,7 @@ def test_a_drifted_default_is_found(where: str, key: str, value: Any, expected: 
     new finding besides those the repository may have (test_schema_defaults_equal_conf_defaults
     requires none)."""
     defaults = _schema_defaults()
-    composed = OmegaConf.to_container(compose(), resolve=True)
+    composed = OmegaConf.to_container(compose("~experiment"), resolve=True)
     assert isinstance(composed, dict)
     before = _default_drift(defaults, composed)
     section = defaults if where == "schema" else composed
@@ -199,8 +200,9 @@ def _config_choices() -> list[tuple[str, str]]:
 def test_the_config_groups_are_all_seen() -> None:
     groups = {group for group, _ in _config_choices()}
     expected = {"dataset", "model", "tracking", "hparams_search", "debug", "hydra/launcher"}
-    assert groups >= expected
+    assert groups >= expected | {"experiment"}
     assert ("debug", "fast") in _config_choices()
+    assert ("experiment", "digits_small") in _config_choices()
 
 
 @pytest.mark.parametrize(("group", "option"), _config_choices())
@@ -232,6 +234,11 @@ def test_stages_read_params_yaml_through_hydra_as_conf() -> None:
     assert through_params == _validated(compose())
 
 
+# The params stage checks params.yaml against the schema: the schema's code (infra/config.py and
+# what it imports) is what it runs, so it lists what the other stages leave out as plumbing.
+SCHEMA_STAGE = "params"
+
+
 def _pipeline_imports(module: Path) -> set[str]:
     """The pipeline modules `module` imports, at the top or inside functions."""
     found = set()
@@ -249,10 +256,11 @@ def _module_path(module: str) -> Path:
 
 def _code_deps(module: str) -> set[str]:
     """The pipeline modules `module` runs, directly or through the modules it imports."""
+    plumbing = INFRASTRUCTURE - {"infra.config"} if module == SCHEMA_STAGE else INFRASTRUCTURE
     seen, todo = set(), [module]
     while todo:
         current = todo.pop()
-        if current in seen or current in INFRASTRUCTURE:
+        if current in seen or current in plumbing:
             continue
         seen.add(current)
         todo.extend(m for m in _pipeline_imports(_module_path(current)) if _module_path(m).exists())
@@ -330,12 +338,18 @@ def test_dvc_exp_run_composes_the_same_params_yaml(tmp_path: Path) -> None:
 
 @pytest.fixture
 def conf_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A copy of conf/ and params.yaml that pipeline.params reads and writes instead."""
+    """A copy of conf/ and params.yaml that pipeline.params reads and writes instead, without
+    the experiment preset a `--promote` may have selected in the repository's conf/."""
     root = tmp_path / "project"
     shutil.copytree(CONF_DIR, root / "conf")
     shutil.copy2(PARAMS, root / "params.yaml")
     monkeypatch.setattr(pipeline.params, "CONF_DIR", root / "conf")
     monkeypatch.setattr(pipeline.params, "PARAMS_FILE", root / "params.yaml")
+    config = root / "conf" / "config.yaml"
+    text = config.read_text(encoding="utf-8")
+    if not re.search(r"^  - experiment: null$", text, flags=re.M):
+        config.write_text(pipeline.params.EXPERIMENT_ENTRY.sub(r"\g<1>null", text), "utf-8")
+        assert pipeline.params.main([]) == 0
     return root
 
 
@@ -401,6 +415,7 @@ def test_missing_params_yaml_fails_check_and_is_created(conf_copy: Path) -> None
 
 
 def test_overrides_are_written(conf_copy: Path) -> None:
+    default = _params(conf_copy)
     assert pipeline.params.main(["dataset=digits", "epochs=2"]) == 0
     params = _params(conf_copy)
     assert params["epochs"] == 2
@@ -409,7 +424,6 @@ def test_overrides_are_written(conf_copy: Path) -> None:
     assert params["dataset"] == expected_dataset
     assert params["dataset"]["name"] == "digits"
     # everything else is untouched conf/
-    default = yaml.safe_load(PARAMS.read_text(encoding="utf-8"))
     assert {k: v for k, v in params.items() if k not in ("dataset", "epochs")} == {
         k: v for k, v in default.items() if k not in ("dataset", "epochs")
     }
@@ -426,6 +440,8 @@ def test_check_with_overrides_is_a_usage_error(
         pipeline.params.main(["--check", "epochs=2"])
     assert exc.value.code == 2
     assert "give no overrides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pipeline.params.main(["--promote", "x", "epochs=2"])
     assert (conf_copy / "params.yaml").read_bytes() == before
 
 
@@ -436,3 +452,90 @@ def test_bad_override_is_rejected_without_writing(conf_copy: Path) -> None:
     with pytest.raises(HydraException):
         pipeline.params.main(["dataset=no_such_dataset"])
     assert (conf_copy / "params.yaml").read_bytes() == before
+
+
+def test_check_names_the_keys_that_differ(
+    conf_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After `dvc exp apply`, --check says which keys params.yaml and conf/ disagree on, with
+    both values for a single key and a dataset's own files as one key."""
+    assert pipeline.params.main(["dataset=digits", "epochs=2"]) == 0
+    capsys.readouterr()
+    assert pipeline.params.main(["--check"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: params.yaml does not match conf/ at "), line
+    assert "epochs=2 (conf/: 5)" in line and "dataset.name='digits' (conf/: 'mnist')" in line
+    assert "dataset.files" in line and "dataset.files." not in line
+    assert "--promote NAME" in line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "preset"),
+    [
+        (
+            ["dataset=digits", "epochs=2"],
+            {"defaults": [{"override /dataset": "digits"}], "epochs": 2},
+        ),
+        (
+            ["model.depth=2", "crossval.stratified=true"],
+            {"model": {"depth": 2}, "crossval": {"stratified": True}},
+        ),
+        (
+            ["experiment=digits_small", "epochs=40"],
+            {
+                "defaults": [{"override /dataset": "digits"}],
+                "epochs": 40,
+                "width": 64,
+                "batch_size": 32,
+            },
+        ),
+    ],
+    ids=["dataset-and-epochs", "nested-values", "a-preset-changed"],
+)
+def test_promote_makes_conf_compose_to_params_yaml(
+    overrides: list[str], preset: dict, conf_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The promotion loop: params.yaml as an experiment left it (composed with overrides),
+    `--promote trial` writes conf/experiment/trial.yaml (group choices and values, from conf/
+    without a preset) and selects it; --check is then green, and the stages' own Hydra
+    composition of conf/ gives params.yaml's values."""
+    assert pipeline.params.main(overrides) == 0
+    params = _params(conf_copy)
+    assert pipeline.params.main(["--promote", "trial"]) == 0
+    assert "conf/experiment/trial.yaml" in capsys.readouterr().out
+    written = yaml.safe_load((conf_copy / "conf/experiment/trial.yaml").read_text("utf-8"))
+    assert written == preset
+    config = (conf_copy / "conf/config.yaml").read_text(encoding="utf-8")
+    assert re.search(r"^  - experiment: trial$", config, flags=re.M)
+    assert pipeline.params.main(["--check"]) == 0
+    assert _params(conf_copy) == params
+    composed = compose(config_dir=conf_copy / "conf")
+    assert OmegaConf.to_container(composed, resolve=True) == params
+
+
+def test_promote_refuses_an_invalid_params_yaml_and_leaves_conf_alone(
+    conf_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {p: p.read_bytes() for p in (conf_copy / "conf").rglob("*.yaml")}
+    params = conf_copy / "params.yaml"
+    params.write_text(params.read_text(encoding="utf-8") + "epoch: 3\n", encoding="utf-8")
+    assert pipeline.params.main(["--promote", "trial"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "'epoch'" in line and "(did you mean 'epochs'?)" in line, line
+    assert {p: p.read_bytes() for p in (conf_copy / "conf").rglob("*.yaml")} == before
+
+
+def test_validate_writes_the_same_stamp_for_every_valid_params_yaml(conf_copy: Path) -> None:
+    """The params stage's output has the same bytes for any valid params.yaml (so the stages
+    after it do not re-run), and an invalid one writes nothing."""
+    stamp = conf_copy / "params.ok"
+    assert pipeline.params.main(["--validate"]) == 0
+    first = stamp.read_bytes()
+    assert pipeline.params.main(["dataset=digits", "epochs=2"]) == 0
+    assert pipeline.params.main(["--validate"]) == 0
+    assert stamp.read_bytes() == first
+    stamp.unlink()
+    params = conf_copy / "params.yaml"
+    params.write_text(params.read_text(encoding="utf-8").replace("epochs: 2", "epochs: -1"))
+    assert pipeline.params.main(["--validate"]) == 1
+    assert not stamp.exists()

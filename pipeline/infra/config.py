@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from pipeline.core.models import ARCHITECTURES
 from pipeline.infra.errors import ConfigError, first_line
@@ -187,4 +188,21 @@ def validate(cfg: DictConfig | dict) -> Config:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         reason = first_line(err)
+        if isinstance(err, ConfigKeyError):
+            reason += _closest_key(key)
         raise ConfigError(f"invalid config key '{key}': {reason}") from None
+
+
+def _closest_key(key: str) -> str:
+    """' (did you mean ...?)' naming the schema key nearest to the unknown dotted `key` (difflib's
+    ratio, as argparse and git do), or the valid keys at that level when none is near."""
+    parent, _, leaf = key.rpartition(".")
+    schema = OmegaConf.structured(Config)
+    node = OmegaConf.select(schema, parent) if parent else schema
+    if not isinstance(node, DictConfig):
+        return ""
+    prefix = f"{parent}." if parent else ""
+    valid = [str(name) for name in node]
+    if close := difflib.get_close_matches(leaf, valid, n=1):
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid keys{' of ' + parent if parent else ''}: {', '.join(valid)})"

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -176,6 +177,8 @@ def _fail(message: str) -> NoReturn:
     message = redact(message)  # a store or mirror URI in it may carry a password
     if _in_sweep_job():
         raise SweepJobFailed(message) from None
+    if stage := os.environ.get("DVC_STAGE"):  # DVC removes a stage's outputs before running it
+        message += f" (DVC removed its previous outputs: `dvc checkout {stage}` restores them)"
     raise SystemExit(message) from None
 
 
