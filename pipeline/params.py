@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.infra.files import atomic_path
+from pipeline.infra.stage import run_command
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PARAMS_FILE = CONF_DIR.parent / "params.yaml"
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))
