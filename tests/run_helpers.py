@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,3 +535,31 @@ def fill_up(folder: Path) -> Path:
         while True:
             f.write(b"\0" * 65536)
     return filler
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def descendants(pid: int) -> list:
+    """The live child processes of `pid`, their children and so on (psutil.Process objects,
+    which tell a later process reusing a pid from the one seen here)."""
+    import psutil  # installed with DVC
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def still_alive(processes: list, seconds: float) -> list:
+    """Those of `processes` still running (zombies count as gone) after waiting up to
+    `seconds` for them to end."""
+    import psutil
+
+    def running(process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + seconds
+    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive

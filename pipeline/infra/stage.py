@@ -183,7 +183,9 @@ def run_main(hydra_main: Callable[[], object]) -> None:
     prints one line naming the cause and exits 1. HYDRA_FULL_ERROR=1, Hydra's documented way to
     let its errors propagate, is set to reach them; Hydra's own compact errors (an unknown
     config group option, a misspelt override) are printed as Hydra prints them. A user who set
-    HYDRA_FULL_ERROR gets Hydra's full behaviour unchanged."""
+    HYDRA_FULL_ERROR gets Hydra's full behaviour unchanged. An interrupt that reaches a sweep's
+    own process (Ctrl-C, or SIGTERM by callbacks.CloseInterruptedRuns) exits 130 / 143 with
+    one line, as a stage does."""
     if os.environ.get("HYDRA_FULL_ERROR"):
         hydra_main()
         return
@@ -195,6 +197,8 @@ def run_main(hydra_main: Callable[[], object]) -> None:
         if isinstance(err.__cause__, OmegaConfBaseException):
             print(redact(str(err.__cause__)), file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as err:  # a sweep's own process (callbacks.CloseInterruptedRuns)
+        _exit_interrupted(err)
     except OSError as err:
         if (cause := filesystem_cause(err)) is None:
             raise
