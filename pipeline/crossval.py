@@ -22,7 +22,7 @@ from pipeline.core.stats import sample_std
 from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.files import read_json, write_csv, write_json
-from pipeline.infra.stage import check_prepared_dataset, output_root, run_stage
+from pipeline.infra.stage import check_prepared_dataset, output_root, run_main, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -126,4 +126,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

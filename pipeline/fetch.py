@@ -15,7 +15,7 @@ from pipeline.infra.config import Config, DatasetConfig, IdxPair
 from pipeline.infra.download import fetch_file
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import atomic_path
-from pipeline.infra.stage import run_stage
+from pipeline.infra.stage import run_main, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -96,4 +96,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -293,4 +293,4 @@ def _promoted(preset: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -20,7 +20,7 @@ from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import write_json
-from pipeline.infra.stage import run_stage
+from pipeline.infra.stage import run_main, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -92,4 +92,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,7 +24,7 @@ from pipeline.infra.credentials import redact
 from pipeline.infra.errors import DataError
 from pipeline.infra.files import atomic_path, read_json
 from pipeline.infra.render import Code, Headline, Image, Section, Table, Text, document
-from pipeline.infra.stage import check_prepared_dataset, run_stage
+from pipeline.infra.stage import check_prepared_dataset, run_main, run_stage
 
 log = logging.getLogger(__name__)
 GALLERY_SIZE = 24
@@ -312,4 +312,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -21,7 +21,7 @@ from pipeline.core.data import load_split
 from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.files import atomic_path, read_json, write_csv, write_json
-from pipeline.infra.stage import check_prepared_dataset, output_root, run_stage
+from pipeline.infra.stage import check_prepared_dataset, output_root, run_main, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -135,4 +135,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

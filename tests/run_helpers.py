@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -499,3 +500,82 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+# ------------------------------------------------------------------ read-only and full disks
+
+
+def _mount(*args: str) -> None:
+    """`mount ARGS` as root; skips the test, with the reason, where this process cannot mount."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a read-only or full file system is a mount (chmod stops no root)")
+    done = subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+
+
+def _unmount(path: Path) -> None:
+    # Lazy: a process of the test that still has a file open there must not make it fail.
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[Path]:
+    """`path` (a directory) read-only for the block, to root too: a read-only bind mount of it
+    onto itself (EROFS for every write below it), unmounted afterwards."""
+    _mount("--bind", str(path), str(path))
+    try:
+        _mount("-o", "remount,bind,ro", str(path))
+        yield path
+    finally:
+        _unmount(path)
+
+
+@contextlib.contextmanager
+def full_disk(path: Path, size: str = "8m") -> Iterator[Path]:
+    """A small tmpfs mounted on `path` (created if missing) for the block; fill it with
+    fill_up. Unmounted afterwards, with what was written there."""
+    path.mkdir(parents=True, exist_ok=True)
+    _mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        _unmount(path)
+
+
+def fill_up(folder: Path) -> Path:
+    """Write folder/filler until its file system is full (ENOSPC); returns the file (remove it
+    to free the space)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+    return filler
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def descendants(pid: int) -> list:
+    """The live child processes of `pid`, their children and so on (psutil.Process objects,
+    which tell a later process reusing a pid from the one seen here)."""
+    import psutil  # installed with DVC
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def still_alive(processes: list, seconds: float) -> list:
+    """Those of `processes` still running (zombies count as gone) after waiting up to
+    `seconds` for them to end."""
+    import psutil
+
+    def running(process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + seconds
+    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive

@@ -18,11 +18,24 @@ from __future__ import annotations
 import json
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
-from run_helpers import DVC_STAGES, REPORT_SECTIONS, STAGES, DvcProject, dvc_project
+from PIL import Image
+from run_helpers import (
+    DVC_STAGES,
+    EXPERIMENT,
+    REPORT_SECTIONS,
+    STAGES,
+    DvcProject,
+    assert_one_line_error,
+    dvc_project,
+    read_only,
+    run_module,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +151,57 @@ def test_report_is_complete_and_self_contained(project: DvcProject) -> None:
     markdown = (project.root / "reports/report.md").read_text(encoding="utf-8")
     assert "**Test accuracy" in markdown
     assert "| fold1 |" in markdown and "| fold2 |" in markdown
+
+
+# --------------------------------------------------------------------------- a read-only project
+
+EROFS = "read-only file system (EROFS)"
+
+
+def test_a_read_only_project_gives_one_line_for_every_stage_and_command(
+    project: DvcProject, tmp_path: Path
+) -> None:
+    """The whole copy read-only, after the first repro (a read-only bind mount: chmod stops no
+    root). Each stage as DVC runs it fails in one line naming EROFS, at Hydra's set-up of its
+    run folder (outputs/...) and, with that folder elsewhere, in its own body; so does each
+    command that writes (compare's reports, compare's and registry's store writes, params.yaml).
+    predict and `runs close-dead` (nothing to close) only read, and still work."""
+    image = tmp_path / "digit.png"
+    one = np.zeros((28, 28), np.uint8)
+    one[6:22, 13:15] = 255  # a "1", light on dark
+    Image.fromarray(one).save(image)
+    stages = {stage: ("--config-dir", ".", "--config-name", "params") for stage in STAGES}
+    failing = {
+        **{f"{s} (Hydra set-up)": (f"pipeline.{s}", *args) for s, args in stages.items()},
+        **{
+            s: (f"pipeline.{s}", *args, f"hydra.run.dir={tmp_path / s}")
+            for s, args in stages.items()
+        },
+        "compare": ("pipeline.compare", "--experiment", EXPERIMENT),
+        "compare's log": (
+            "pipeline.compare", "--experiment", EXPERIMENT, "--output", str(tmp_path / "c.md")
+        ),
+        "registry": ("pipeline.registry",),
+        "params": ("pipeline.params", "epochs=3"),
+    }  # fmt: skip
+    working = {
+        "predict": ("pipeline.predict", str(image)),
+        "runs": ("pipeline.runs", "close-dead"),
+    }
+
+    def run(args: tuple[str, ...]):
+        return run_module(*args, cwd=project.root, env=project.env)
+
+    commands = {**failing, **working}
+    with read_only(project.root), ThreadPoolExecutor(4) as pool:
+        done = dict(zip(commands, pool.map(run, commands.values()), strict=True))
+    for name in failing:
+        line = assert_one_line_error(done[name])
+        # sqlite cannot tell a read-only file system from a missing permission: it names both.
+        assert EROFS in line, (name, line)
+    for name in working:
+        assert done[name].returncode == 0, (name, done[name].stderr)
+        assert "Traceback" not in done[name].stderr, (name, done[name].stderr)
 
 
 # --------------------------------------------------------------------------- DVC's views

@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +36,23 @@ import pytest
 from run_helpers import (
     EXPERIMENT,
     PROJECT_ROOT,
+    assert_one_line_error,
     cli_env,
     client,
     compose,
+    fill_up,
     free_port,
+    full_disk,
     isolated_mlflow,
     names_key,
     new_store,
     prepared_digits,
     project_copy,
+    reaped,
     run_module,
     runs,
     settings,
+    start_cli,
     temp_files,
 )
 
@@ -194,6 +200,94 @@ def test_an_ordinary_error_in_a_stage_is_not_mistaken_for_an_interrupt():
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_stage(compose("dataset=digits"), broken)
+
+
+ENOSPC = "no space left on the device (ENOSPC)"
+# What a full disk must never print instead of its cause: SQLAlchemy's wrapper, and the old
+# claim that results were saved before the stage had started.
+NOT_THE_CAUSE = ("Traceback", "raised as a result of", "nothing yet", "Logging error")
+
+
+def test_a_disk_too_full_for_hydras_run_folder_is_one_line(tmp_path, tmp_path_factory):
+    """Hydra writes each run's folder (outputs/<date>/<time>/.hydra/*.yaml, a sweep's
+    multirun.yaml) before the stage starts; on a full disk that was Hydra's chained traceback.
+    One stage and one sweep: every stage goes through the same stage.run_main (the read-only
+    project test in test_dvc_pipeline.py runs them all)."""
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
+    sweep = ("pipeline.crossval", "-m", "debug=fast", "hydra.sweep.dir=outputs/sweep", "width=8,16")
+    commands = {"train": ("pipeline.train", "debug=fast"), "crossval -m": sweep}
+    with full_disk(project / "outputs", size="1m") as outputs:
+        fill_up(outputs)
+        with ThreadPoolExecutor(2) as pool:
+            done = dict(
+                zip(
+                    commands,
+                    pool.map(lambda args: run_module(*args, cwd=project), commands.values()),
+                    strict=True,
+                )
+            )
+    for name, result in done.items():
+        line = assert_one_line_error(result, ENOSPC, "hydra.run.dir")
+        assert line.startswith("error: Hydra cannot write the run's folder"), (name, line)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_crossval_names_the_cause_and_leaves_no_run_running(
+    tmp_path, tmp_path_factory
+):
+    """The store's disk fills up once the first fold has logged an epoch: the stage says the
+    disk is full (not SQLAlchemy's "raised as a result of Query-invoked autoflush"), and once
+    space is freed, the explicit repair leaves no run RUNNING (a run whose status the full
+    store refused is remembered and closed)."""
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
+    with full_disk(tmp_path / "store") as disk:
+        uri = new_store(tmp_path_factory, disk)
+        process = start_cli(
+            project, "pipeline.crossval", "debug=fast", "epochs=10", f"tracking.uri={uri}"
+        )
+        with reaped(process):
+            wait_for(lambda: _running_run(disk / "mlflow.db", trained=True), process, 180)
+            filler = fill_up(disk)
+            returncode = process.wait(timeout=180)
+        log = (project / "cli.log").read_text()
+        errors = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert returncode == 1 and len(errors) == 1, log
+        assert ENOSPC in errors[0] and "free some space" in errors[0], errors[0]
+        for wrong in NOT_THE_CAUSE:
+            assert wrong not in log, log
+        filler.unlink()
+        repaired = run_module("pipeline.runs", "close-dead", "--tracking-uri", uri, cwd=project)
+        assert repaired.returncode == 0, repaired.stderr
+        statuses = {run.info.status for run in runs(uri)}
+    assert "RUNNING" not in statuses and statuses, statuses
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[how]
+    )
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
+def test_a_damaged_prepared_split_says_to_rerun_preprocess(how, tmp_path, tmp_path_factory):
+    from pipeline.core.data import load_split
+
+    damaged = shutil.copytree(prepared_digits(tmp_path_factory), tmp_path / "prepared")
+    _damage(damaged / "train.npz", how)
+    with pytest.raises(DataError) as raised:
+        load_split(damaged / "train.npz")
+    message = str(raised.value)
+    assert "train.npz is damaged" in message and "dvc repro preprocess" in message, message
+    assert "allow_pickle" not in message and "\n" not in message, message
+
+
+def test_a_damaged_train_npz_is_one_line_from_the_stage(tmp_path, tmp_path_factory):
+    project = project_copy(prepared_digits(tmp_path_factory), tmp_path / "project")
+    _damage(project / "data" / "prepared" / "train.npz", "truncated")
+    store = new_store(tmp_path_factory, project)
+    done = run_module("pipeline.train", "debug=fast", f"tracking.uri={store}", cwd=project)
+    assert_one_line_error(done, "train.npz is damaged", "python -m pipeline.preprocess")
 
 
 # =========================================================================== interrupted fetch

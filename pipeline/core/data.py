@@ -7,6 +7,8 @@ labels (shape (N, 10)), saved as a .npz holding x, y and image_shape.
 from __future__ import annotations
 
 import functools
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +58,20 @@ def _load_split_cached(path: str, mtime_ns: int) -> Split:
 
 
 def load_split(path: Path) -> Split:
-    """Load a prepared split; cached per process, so sweep jobs and folds read the file once."""
+    """Load a prepared split; cached per process, so sweep jobs and folds read the file once.
+    DataError, naming the fix (re-run preprocess), for a file that is missing or damaged
+    (truncated, overwritten, not a split's .npz)."""
     if not path.exists():
         raise DataError(f"{path} is missing. Run `python -m pipeline.preprocess` (or `dvc repro`).")
-    return _load_split_cached(str(path.resolve()), path.stat().st_mtime_ns)
+    try:
+        return _load_split_cached(str(path.resolve()), path.stat().st_mtime_ns)
+    # What np.load raises for a file that is not (or no longer) a whole .npz of x, y and
+    # image_shape: no zip at all (BadZipFile; the "pickled data ... allow_pickle" ValueError for
+    # other bytes), a cut-off member (EOFError, zlib.error), a missing array (KeyError).
+    # NumPy's own words are left out: for other bytes they suggest allow_pickle, which would
+    # run whatever the file holds.
+    except (zipfile.BadZipFile, ValueError, EOFError, zlib.error, KeyError):
+        raise DataError(
+            f"{path} is damaged: not a whole prepared split (a .npz of x, y and image_shape). "
+            "Fix: re-run preprocess (`dvc repro preprocess`, or `python -m pipeline.preprocess`)"
+        ) from None

@@ -2,8 +2,8 @@
 
 - `RedactSavedConfigs` (conf/config.yaml, every run): no password in a URI reaches Hydra's saved
   configs or its log lines.
-- `CloseInterruptedRuns` (conf/config.yaml, every sweep): Ctrl-C on a parallel sweep leaves no
-  MLflow run RUNNING.
+- `CloseInterruptedRuns` (conf/config.yaml, every sweep): Ctrl-C or SIGTERM on a parallel sweep
+  leaves no MLflow run RUNNING and no worker process alive.
 - `TagBestTrial` (conf/hparams_search/mlp_optuna.yaml): `pipeline.crossval` returns the mean fold
   accuracy, which Hydra's Optuna sweeper maximizes; when the search ends, the callback finds the
   sweep's crossval runs by their shared `sweep` tag, tags the one with the highest
@@ -32,6 +32,7 @@ from pipeline.infra.credentials import redact, redact_log_records
 from pipeline.infra.errors import PipelineError
 from pipeline.infra.files import atomic_path
 from pipeline.infra.runs import filter_literal, load_runs, resolve_sweep
+from pipeline.infra.stage import Terminated
 from pipeline.infra.tracking import experiment_name, sweep_settings, sweep_tag, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -86,23 +87,41 @@ class TagBestTrial(Callback):
 
 
 class CloseInterruptedRuns(Callback):
-    """Ctrl-C on a sweep: joblib (and Ray) kill their workers before the jobs can end their
-    MLflow runs, which would then stay RUNNING forever. Once the sweep's own process gets
-    SIGINT, it marks the sweep's runs still RUNNING, and their fold runs, KILLED on its way out."""
+    """Ctrl-C or SIGTERM on a sweep: joblib (and Ray) kill their workers before the jobs can end
+    their MLflow runs, which would then stay RUNNING forever. Once the sweep's own process gets
+    SIGINT or SIGTERM, it marks the sweep's runs still RUNNING, and their fold runs, KILLED on
+    its way out.
+
+    SIGTERM is raised in the sweep's process as an interrupt (stage.Terminated), as Ctrl-C is:
+    joblib then aborts the sweep and SIGKILLs its loky workers and their children
+    (Parallel._abort, `executor.shutdown(kill_workers=True)`). Left to its default, SIGTERM
+    ended only the sweep's process, and each worker (~930 MB) lived on until loky's idle
+    timeout, about five minutes, with its job's run still RUNNING."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        previous = signal.getsignal(signal.SIGINT)
-        if not callable(previous):  # SIGINT ignored (a background job): no Ctrl-C can come
-            return
         armed: list[bool] = []
 
-        def interrupted(signum: int, frame: Any) -> None:
+        def arm() -> None:
             if not armed:
                 armed.append(True)
                 atexit.register(_kill_running_runs, config)
-            previous(signum, frame)
 
-        signal.signal(signal.SIGINT, interrupted)
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):  # else SIGINT is ignored (a background job): no Ctrl-C can come
+
+            def interrupted(signum: int, frame: Any) -> None:
+                arm()
+                previous(signum, frame)
+
+            signal.signal(signal.SIGINT, interrupted)
+
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+
+            def terminated(signum: int, frame: Any) -> None:
+                arm()
+                raise Terminated(f"received signal {signum}")
+
+            signal.signal(signal.SIGTERM, terminated)
 
 
 def _kill_running_runs(config: DictConfig) -> None:

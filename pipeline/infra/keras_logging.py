@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.core.training import keras, metric_name
+from pipeline.infra.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ class EpochMetricsLogger(keras.callbacks.Callback):
             mlflow.log_metrics(metrics, step=epoch + 1)
         except Exception as err:
             self.failed = True
-            log.warning("MLflow logging failed (%s); training continues without it", err)
+            log.warning(
+                "MLflow logging failed (%s); training continues without it", first_line(err)
+            )
 
 
 def model_requirements() -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.comparison import FOLD_METRIC, CompareError, Comparison, ConfigRun
-from pipeline.infra.errors import first_line
+from pipeline.infra.errors import first_line, interrupt_in
 from pipeline.infra.reconcile import process_tags
 from pipeline.infra.tracking import _git_commit, check_store, store_uri
 
@@ -203,7 +203,22 @@ def open_store(uri: str | None) -> tuple[str, Any]:
 
 def log_comparison(client: Any, comparison: Comparison, files: Sequence[Path]) -> str:
     """Log the comparison as a new MLflow run (stage=compare, the sweep tag) in the best
-    config's experiment; returns its run id. The run ends FAILED/KILLED if logging breaks."""
+    config's experiment; returns its run id. The run ends FAILED/KILLED if logging breaks. A
+    store that refuses (a full disk, a read-only file system) is a CompareError naming the
+    cause and the report files already written."""
+    try:
+        return _log_comparison(client, comparison, files)
+    except Exception as err:  # mlflow raises many types for a store in trouble
+        if interrupt_in(err):
+            raise
+        written = ", ".join(map(str, files)) or "none asked for"
+        raise CompareError(
+            f"cannot log the comparison to MLflow at {client.tracking_uri}: {first_line(err)}. "
+            f"Its reports are written ({written}); run it again with --no-log to skip logging"
+        ) from None
+
+
+def _log_comparison(client: Any, comparison: Comparison, files: Sequence[Path]) -> str:
     tags = {"stage": COMPARE, "compare.source": comparison.source, **process_tags()}
     if comparison.sweep:
         tags["sweep"] = comparison.sweep

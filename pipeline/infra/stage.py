@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -15,10 +14,17 @@ from typing import Any, NoReturn, TypeVar
 
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.infra.config import Config, validate
 from pipeline.infra.credentials import redact, redact_log_records
-from pipeline.infra.errors import ConfigError, DataError, PipelineError, interrupt_in
+from pipeline.infra.errors import (
+    ConfigError,
+    DataError,
+    PipelineError,
+    filesystem_cause,
+    interrupt_in,
+)
 from pipeline.infra.files import read_json
 from pipeline.infra.reconcile import remove_stale_temp_files
 
@@ -182,19 +188,34 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(message) from None
 
 
-def run_command(action: Callable[[], object]) -> int:
-    """Exit code of a plain (non-Hydra) command: 0; 1 after its one-line error; 130 on Ctrl-C.
-    Passwords in URIs are masked in its log lines and its error (credentials.redact)."""
+def _one_line_logging() -> None:
+    """Mask passwords in log lines (credentials.redact), and keep MLflow from logging the
+    traceback of each sqlite failure it then raises anyway (mlflow.store.db.utils logs it at
+    ERROR before raising): the caller reports that error in one line."""
     redact_log_records()
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+def run_command(action: Callable[[], object]) -> int:
+    """Exit code of a plain (non-Hydra) command: the action's own if it returns an int, else 0;
+    1 after its one-line error (also for a full disk, a read-only file system or a missing
+    permission); 130 on Ctrl-C. Passwords in URIs are masked in its log lines and its error
+    (credentials.redact)."""
+    _one_line_logging()
     try:
-        action()
+        code = action()
     except PipelineError as err:
         print(f"error: {redact(str(err))}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if (cause := filesystem_cause(err)) is None:
+            raise
+        print(f"error: {redact(cause.describe())}. Fix: {cause.fix}.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _refuse_chdir() -> None:
@@ -215,7 +236,7 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
     """Validate `cfg` before any work, run `stage` and return what it returns (a sweeper's
     objective, e.g. crossval's mean accuracy); turn known failures into one clear line. Passwords
     in URIs are masked in its log lines and its error (credentials.redact)."""
-    redact_log_records()
+    _one_line_logging()
     try:
         _refuse_chdir()
         settings = validate(cfg)
@@ -225,19 +246,19 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
             return stage(settings)
     except PipelineError as err:
         _fail(f"error: {err}")
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        _fail(
-            f"error: no space left on the device ({err}). Nothing partial was kept: free some "
-            "space and run the stage again."
-        )
     except KeyboardInterrupt as err:
         _exit_interrupted(err)
     except Exception as err:
-        if (interrupt := interrupt_in(err)) is None:
+        if (interrupt := interrupt_in(err)) is not None:
+            _exit_interrupted(interrupt)
+        # A full disk, a read-only file system or a missing permission: the stage's own
+        # writes, or its MLflow store's (under MLflow's and SQLAlchemy's wrappers).
+        if (cause := filesystem_cause(err)) is None:
             raise
-        _exit_interrupted(interrupt)
+        _fail(
+            f"error: {cause.describe()}. Nothing partial was kept: {cause.fix} and run the stage "
+            "again."
+        )
 
 
 def _exit_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
@@ -246,3 +267,41 @@ def _exit_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
         file=sys.stderr,
     )
     sys.exit(143 if isinstance(interrupt, Terminated) else 130)
+
+
+def run_main(hydra_main: Callable[[], object]) -> None:
+    """Run a stage's @hydra.main function as the program, with Hydra's own work outside the
+    stage body in the one-line envelope too: creating the run's folder (outputs/<date>/<time>,
+    a sweep's multirun/...), writing its .hydra/*.yaml and opening its log. On a full disk, a
+    read-only file system or without permission, Hydra prints a chained traceback there; this
+    prints one line naming the cause and exits 1. HYDRA_FULL_ERROR=1, Hydra's documented way to
+    let its errors propagate, is set to reach them; Hydra's own compact errors (an unknown
+    config group option, a misspelt override) are printed as Hydra prints them. A user who set
+    HYDRA_FULL_ERROR gets Hydra's full behaviour unchanged. An interrupt that reaches a sweep's
+    own process (Ctrl-C, or SIGTERM by callbacks.CloseInterruptedRuns) exits 130 / 143 with
+    one line, as a stage does."""
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        hydra_main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_main()
+    except CompactHydraException as err:  # as hydra._internal.utils.run_and_report prints them
+        print(redact(str(err)), file=sys.stderr)
+        if isinstance(err.__cause__, OmegaConfBaseException):
+            print(redact(str(err.__cause__)), file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as err:  # a sweep's own process (callbacks.CloseInterruptedRuns)
+        _exit_interrupted(err)
+    except OSError as err:
+        if (cause := filesystem_cause(err)) is None:
+            raise
+        sys.exit(
+            redact(
+                f"error: Hydra cannot write the run's folder: {cause.describe()}. Fix: "
+                f"{cause.fix}; or point hydra.run.dir (hydra.sweep.dir with -m) at a writable "
+                "folder."
+            )
+        )
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]

@@ -18,7 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.infra.config import LOCAL_TRACKING_URI, Config, validate
 from pipeline.infra.credentials import is_masked, login_request, redact, redacted
-from pipeline.infra.errors import PipelineError, TrackingError, first_line, interrupt_in
+from pipeline.infra.errors import (
+    PipelineError,
+    TrackingError,
+    filesystem_cause,
+    first_line,
+    interrupt_in,
+)
 from pipeline.infra.paths import PREPARED_DIR
 from pipeline.infra.reconcile import close_dead_runs, end_active_run, process_tags
 
@@ -361,23 +367,32 @@ def _ended_with_status() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def logging_errors(store: str, saved: str) -> Iterator[None]:
+def logging_errors(store: str, saved: str | None) -> Iterator[None]:
     """Turn a failure of the MLflow store `store` while logging results into a TrackingError
-    that says the results are safe on disk (`saved`) and how to log them again."""
+    that says the results are safe on disk (`saved`) and how to log them again; `saved` None:
+    the stage's run is starting, so nothing is saved yet. The cause is named (first_line: a full
+    disk, a read-only store by errno), with its fix."""
     try:
         yield
     except Exception as err:
         if isinstance(err, PipelineError) or interrupt_in(err):
             raise
+        cause = filesystem_cause(err)
+        fix = f" Fix: {cause.fix}." if cause else ""
+        if saved is None:
+            raise TrackingError(
+                f"cannot start the stage's MLflow run in {store}: {first_line(err)}.{fix} "
+                "No output was written: run the stage again once the store is usable."
+            ) from None
         raise TrackingError(
             f"the results are saved ({saved}) but logging them to MLflow at "
-            f"{store} failed: {first_line(err)}. Re-run the stage once the "
+            f"{store} failed: {first_line(err)}.{fix} Re-run the stage once the "
             "store is reachable (`dvc repro` re-runs it, as it did not finish) to log them again."
         ) from None
 
 
 @contextlib.contextmanager
-def store_errors(cfg: Config, saved: str) -> Iterator[None]:
+def store_errors(cfg: Config, saved: str | None) -> Iterator[None]:
     """logging_errors for the store a stage logs to (tracking_uri)."""
     with logging_errors(tracking_uri(cfg), saved):
         yield
@@ -422,7 +437,7 @@ def tracked_run(
     tags.update(process_tags())
     if commit := _git_commit():
         tags["git_commit"] = commit
-    with store_errors(cfg, "nothing yet: the stage has not started"):
+    with store_errors(cfg, None):
         run = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=run_name(stage, _hydra_config()),
@@ -430,7 +445,7 @@ def tracked_run(
             log_system_metrics=cfg.tracking.system_metrics,
         )
     with _ended_with_status():
-        with store_errors(cfg, "nothing yet: the stage has not started"):
+        with store_errors(cfg, None):
             # The store the run is in, not tracking.uri's null, which means "resolve it".
             mlflow.log_params(redacted(config_params(cfg)))
             mlflow.log_input(
