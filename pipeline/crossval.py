@@ -125,5 +125,10 @@ def main(cfg: DictConfig) -> float:
     return run_stage(cfg, _run)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (digit-crossval): main inside the one-line envelope (run_main)."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -292,5 +292,10 @@ def _promoted(preset: Path) -> str:
     )
 
 
+def cli() -> int:
+    """The installed command (digit-params): main inside the one-line envelope (run_command)."""
+    return run_command(main)
+
+
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(cli())

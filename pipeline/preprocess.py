@@ -91,5 +91,10 @@ def main(cfg: DictConfig) -> None:
     run_stage(cfg, _run)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (digit-preprocess): main inside the one-line envelope (run_main)."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

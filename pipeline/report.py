@@ -311,5 +311,10 @@ def main(cfg: DictConfig) -> None:
     run_stage(cfg, _run)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed command (digit-report): main inside the one-line envelope (run_main)."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
