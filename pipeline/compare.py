@@ -4,9 +4,10 @@ Reads the crossval runs of one Hydra sweep (`--sweep`, the `sweep` tag every job
 invocation carries; `--sweep latest` for the newest) or of a whole experiment (`--experiment`)
 from MLflow, and for each config reports the number of folds, the mean fold accuracy, its
 standard deviation (ddof=1) and a Student-t confidence interval. Configs are ranked by mean and
-each is tested against the best: a paired t-test over the folds (paired by fold number) when both
-used the same fold assignment (same data, `folds`, `crossval.*`, and `seed` when shuffling),
-otherwise Welch's unpaired t-test, with a note saying why.
+each is tested against the best over the folds they share (paired by fold) when both used the
+same fold assignment (same data, `folds`, `crossval.*`, and `seed` when shuffling): by default
+the corrected resampled t-test (Nadeau & Bengio 2003), or `--test paired`, the plain paired
+t-test; otherwise Welch's unpaired t-test, with a note saying why.
 
 Writes compare/compare.md (also printed) and compare/compare.html, and logs both, with a JSON
 version, to a new MLflow run tagged stage=compare (and the sweep's tag).
@@ -24,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.core.comparison import Comparison, compare_runs
+from pipeline.core.comparison import TESTS, Comparison, compare_runs
 from pipeline.core.stats import ALPHA
 from pipeline.infra import paths
 from pipeline.infra.config import LOCAL_TRACKING_URI
@@ -79,15 +80,32 @@ def _method(comparison: Comparison) -> list[str]:
     return [
         f"Each row is one config's cross-validation: the mean of its fold accuracies, their "
         f"standard deviation (ddof=1) and a {level} Student-t interval.",
-        "Each config is tested against the best with a two-sided paired t-test over folds "
-        "(paired by fold number; the folds are the same samples when the data, `folds`, "
-        "`crossval.*` and, when shuffling, `seed` match), otherwise with Welch's t-test.",
+        f"Each config is tested against the best with a two-sided {_TEST_NAMES[comparison.test]} "
+        "over the folds they share (paired by fold; the folds are the same samples when the "
+        "data, `folds`, `crossval.*` and, when shuffling, `seed` match), otherwise with "
+        "Welch's t-test.",
         f"p >= {comparison.alpha:g}: the data do not show the config is worse than the best. "
         "That is not proof they are equal; with few folds only large gaps are detectable.",
-        "Caveats: fold scores share training data, so they are not independent and p-values "
-        "are optimistic (Dietterich 1998; Nadeau & Bengio 2003); p-values are not adjusted "
-        "for testing several configs, and the best is chosen from the same data.",
+        _CAVEATS[comparison.test],
     ]
+
+
+_TEST_NAMES = {
+    "corrected": "corrected resampled t-test (Nadeau & Bengio 2003: the variance of the fold "
+    "differences scaled by 1/n + n_test/n_train, n_test/n_train = 1/(k-1) for k folds; over "
+    "repeated k-fold CV, Bouckaert & Frank 2004's corrected repeated k-fold test over all r·k "
+    "differences, df = n - 1)",
+    "paired": "plain paired t-test (`--test paired`)",
+}
+_CAVEATS = {
+    "corrected": "Caveats: the correction accounts for folds sharing training data (a plain "
+    "paired t-test over folds is anti-conservative: Dietterich 1998; Nadeau & Bengio 2003); "
+    "Welch's test, where folds differ, has no such correction; the best is chosen from the "
+    "same data.",
+    "paired": "Caveats: fold scores share training data, so they are not independent and the "
+    "plain paired t-test's p-values are optimistic (Dietterich 1998; Nadeau & Bengio 2003); "
+    "the default corrected test accounts for that; the best is chosen from the same data.",
+}
 
 
 def _notes(comparison: Comparison) -> list[str]:
@@ -152,6 +170,7 @@ def run_compare(
     output: Path | None = DEFAULT_OUTPUT,
     log: bool = True,
     alpha: float = ALPHA,
+    test: str = TESTS[0],
 ) -> tuple[Comparison, str | None]:
     """Load, compare, write the reports (unless output is None) and log them to MLflow (unless
     log is False). Returns the comparison and the compare run's id (None when not logged)."""
@@ -163,7 +182,7 @@ def run_compare(
         source = f"experiment {experiment}"
     runs, notes = load_runs(client, sweep=sweep, experiment=experiment)
     # The store as the reports and the compare run record it: its password masked.
-    comparison = compare_runs(runs, alpha=alpha, source=source, tracking_uri=redact(uri))
+    comparison = compare_runs(runs, alpha=alpha, test=test, source=source, tracking_uri=redact(uri))
     comparison.sweep, comparison.experiment = sweep, experiment
     comparison.notes[:0] = notes
     files = write_reports(comparison, output) if output is not None else ()
@@ -197,6 +216,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"Markdown report; the HTML one goes beside it (default {DEFAULT_OUTPUT})",
     )
     parser.add_argument("--alpha", type=float, default=ALPHA, help="significance level (0.05)")
+    parser.add_argument(
+        "--test",
+        choices=TESTS,
+        default=TESTS[0],
+        help="the test between configs that share folds: the corrected resampled t-test "
+        "(default; Nadeau & Bengio 2003) or the plain paired t-test",
+    )
     parser.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
     return parser.parse_args(argv)
 
@@ -212,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output=args.output,
             log=not args.no_log,
             alpha=args.alpha,
+            test=args.test,
         )
         print(to_markdown(comparison), end="")
         html_path = args.output.with_suffix(".html")

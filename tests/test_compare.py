@@ -16,7 +16,7 @@ from scipy import stats
 
 from pipeline.compare import main, run_compare, to_markdown
 from pipeline.core.comparison import CompareError, Comparison, ConfigRun, compare_runs
-from pipeline.core.stats import paired_t_test, summarize, welch_t_test
+from pipeline.core.stats import corrected_t_test, paired_t_test, summarize, welch_t_test
 
 TABLE_HEADER = (
     "| rank | config | folds | mean | std | 95% CI | Δ vs best | p | test | verdict | run |"
@@ -58,6 +58,41 @@ def test_paired_t_test_pairs_by_fold_number():
     assert result.df == 2
     assert result.p_value == pytest.approx(stats.ttest_rel([0.9, 0.8, 0.85], [0.7, 0.75, 0.6])[1])
     assert result.p_value == pytest.approx(0.109129, abs=1e-6)
+
+
+def test_corrected_t_test_on_the_papers_formula():
+    """Nadeau & Bengio (2003), eq. for the corrected resampled t: t = mean(d) /
+    sqrt((1/n + n_test/n_train) * var(d)), df = n - 1; for k-fold, n_test/n_train = 1/(k-1)."""
+    a = {1: 0.90, 2: 0.80, 3: 0.85}
+    b = {3: 0.60, 1: 0.70, 2: 0.75}
+    d = [0.20, 0.05, 0.25]
+    mean, var = sum(d) / 3, stats.tvar(d)
+    t = mean / math.sqrt((1 / 3 + 1 / 2) * var)  # 1.754116...
+    result = corrected_t_test(a, b, test_train_ratio=1 / 2)
+    assert result.test == "corrected t"
+    assert result.statistic == pytest.approx(1.754116, abs=1e-6)
+    assert result.statistic == pytest.approx(t, rel=1e-12)
+    assert result.df == 2
+    assert result.p_value == pytest.approx(2 * stats.t.sf(t, 2), rel=1e-12)
+    # The correction only widens: the plain paired test on the same folds is more confident.
+    assert result.p_value > paired_t_test(a, b).p_value
+
+
+def test_corrected_repeated_kfold_test_uses_all_r_times_k_differences():
+    """Bouckaert & Frank (2004): r repeats of k folds, t = mean(d) / sqrt((1/(k r) + n2/n1) var(d))
+    over all k r differences, df = k r - 1."""
+    a = {(1, 1): 0.91, (1, 2): 0.88, (2, 1): 0.90, (2, 2): 0.86}
+    b = {(2, 2): 0.85, (1, 1): 0.87, (2, 1): 0.89, (1, 2): 0.85}
+    d = [0.04, 0.03, 0.01, 0.01]
+    t = (sum(d) / 4) / math.sqrt((1 / 4 + 1 / 1) * stats.tvar(d))
+    result = corrected_t_test(a, b, test_train_ratio=1.0)  # k = 2: n_test/n_train = 1
+    assert result.statistic == pytest.approx(t, rel=1e-12)
+    assert result.df == 3
+    assert result.p_value == pytest.approx(2 * stats.t.sf(abs(t), 3), rel=1e-12)
+    same = corrected_t_test(a, dict(a), test_train_ratio=1.0)
+    assert (same.statistic, same.p_value) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="folds differ"):
+        corrected_t_test(a, {(1, 1): 0.9, (1, 2): 0.8}, test_train_ratio=1.0)
 
 
 def test_identical_folds_are_no_evidence_of_a_difference():
@@ -116,6 +151,22 @@ def test_ranking_labels_and_verdicts_without_mlflow():
     markdown = to_markdown(comparison)
     assert TABLE_HEADER in markdown
     assert "| 3 | width=8 | 3 | 0.8100 | 0.0100 |" in markdown
+
+
+def test_shared_folds_use_the_corrected_test_by_default_the_paired_one_by_name():
+    runs = [_run("a", [0.95, 0.96, 0.94]), _run("b", [0.90, 0.93, 0.92], width=8)]
+    corrected, paired = compare_runs(runs).rows[1], compare_runs(runs, test="paired").rows[1]
+    assert corrected.test is not None and corrected.test.test == "corrected t"
+    # folds=3: n_test/n_train = 1/2
+    expected = corrected_t_test(runs[1].folds, runs[0].folds, test_train_ratio=1 / 2)
+    assert corrected.test == expected
+    assert paired.test is not None and paired.test.test == "paired t"
+    assert paired.test.p_value == pytest.approx(
+        stats.ttest_rel([0.90, 0.93, 0.92], [0.95, 0.96, 0.94]).pvalue
+    )
+    assert "corrected resampled t-test" in to_markdown(compare_runs(runs))
+    with pytest.raises(CompareError, match="unknown test 'z'"):
+        compare_runs(runs, test="z")
 
 
 def test_different_fold_assignments_fall_back_to_welch_with_a_note():
@@ -266,13 +317,15 @@ def test_intervals_are_student_t_around_the_mean(sweep: Sweep):
         assert s.half_width == pytest.approx(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
-def test_clearly_worse_config_is_significant_by_the_paired_test(sweep: Sweep):
+def test_clearly_worse_config_is_significant_by_the_corrected_test(sweep: Sweep):
     worse, best = sweep.accuracies["worse"], sweep.accuracies["best"]
-    folds = sorted(best)
-    expected = stats.ttest_rel([worse[k] for k in folds], [best[k] for k in folds])
+    d = [worse[k] - best[k] for k in sorted(best)]
+    # Nadeau & Bengio's corrected t, 3 folds: (1/3 + 1/2) · var(d).
+    t = (sum(d) / 3) / math.sqrt((1 / 3 + 1 / 2) * stats.tvar(d))
     row = _row(sweep, "worse")
-    assert row.test is not None and row.test.test == "paired t"
-    assert row.test.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+    assert row.test is not None and row.test.test == "corrected t"
+    assert row.test.statistic == pytest.approx(t, rel=1e-9)
+    assert row.test.p_value == pytest.approx(2 * stats.t.sf(abs(t), 2), rel=1e-9)
     assert row.test.p_value < 0.05
     assert sweep.comparison.verdict(row) == SIGNIFICANT
 
@@ -280,7 +333,7 @@ def test_clearly_worse_config_is_significant_by_the_paired_test(sweep: Sweep):
 def test_identical_config_is_not_significant(sweep: Sweep):
     assert sweep.accuracies["clone"] == sweep.accuracies["best"]  # deterministic=true
     row = _row(sweep, "clone")
-    assert row.test is not None and row.test.test == "paired t"
+    assert row.test is not None and row.test.test == "corrected t"
     assert row.test.p_value == 1.0
     assert sweep.comparison.verdict(row) == NOT_SIGNIFICANT
 
@@ -330,6 +383,7 @@ def test_cli_compares_the_latest_sweep(sweep: Sweep):
     done = run_module("pipeline.compare", "--sweep", "latest", "--no-log", cwd=sweep.project)
     assert done.returncode == 0, done.stderr
     assert f"# Config comparison: sweep {sweep.sweep}" in done.stdout
+    assert "| corrected t |" in done.stdout
     assert TABLE_HEADER in done.stdout
     # Defaults: the store ./mlflow.db and compare/compare.{md,html}, relative to the cwd.
     assert (sweep.project / "compare" / "compare.md").read_text() == done.stdout
@@ -339,8 +393,10 @@ def test_cli_compares_the_latest_sweep(sweep: Sweep):
 def test_store_defaults_to_mlflow_tracking_uri(sweep: Sweep, tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no mlflow.db here
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sweep.uri)
-    main(["--sweep", "latest", "--no-log", "--output", str(tmp_path / "c.md")])
-    assert f"# Config comparison: sweep {sweep.sweep}" in capsys.readouterr().out
+    main(["--sweep", "latest", "--no-log", "--output", str(tmp_path / "c.md"), "--test", "paired"])
+    out = capsys.readouterr().out
+    assert f"# Config comparison: sweep {sweep.sweep}" in out
+    assert "| paired t |" in out and "plain paired t-test (`--test paired`)" in out
     assert (tmp_path / "c.md").is_file() and (tmp_path / "c.html").is_file()
 
 

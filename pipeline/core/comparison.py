@@ -2,9 +2,10 @@
 
 Works on plain `ConfigRun` records (one crossval run and its fold accuracies); reading them from
 MLflow is pipeline.infra.runs' job, writing the tables pipeline.compare's. Each config is tested
-against the best with a paired t-test over folds (paired by fold number) when both used the same
-fold assignment (same data, `folds`, `crossval.*`, and `seed` when shuffling), otherwise with
-Welch's unpaired t-test, and a note saying why.
+against the best over the folds they share (paired by fold) when both used the same fold
+assignment (same data, `folds`, `crossval.*`, and `seed` when shuffling): by default with the
+corrected resampled t-test (Nadeau & Bengio 2003), or the plain paired t-test by name (TESTS);
+otherwise with Welch's unpaired t-test, and a note saying why.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.core.stats import ALPHA, Summary, TestResult, paired_t_test, summarize, welch_t_test
+from pipeline.core.stats import (
+    ALPHA,
+    Summary,
+    TestResult,
+    corrected_t_test,
+    paired_t_test,
+    summarize,
+    welch_t_test,
+)
 from pipeline.infra.errors import PipelineError
 
 FOLD_METRIC = "fold_accuracy"
@@ -25,6 +34,8 @@ RUN_ONLY_PREFIXES = ("tracking.",)
 RUN_ONLY_PARAMS = frozenset({"dataset.mirrors", "dataset.timeout", "dataset.retries", "threads"})
 # What decides crossval's fold assignment, with the data's checksum.
 FOLD_PARAMS = ("folds", "crossval.shuffle", "crossval.stratified")
+# The tests between configs that share folds, by name (compare's --test); the first is the default.
+TESTS = ("corrected", "paired")
 
 
 class CompareError(PipelineError):
@@ -64,6 +75,12 @@ class ConfigRun:
         key["data"] = self.tags.get("dataset_sha256", "?")
         return key
 
+    @property
+    def test_train_ratio(self) -> float:
+        """n_test/n_train of one fold of k-fold CV: 1/(k-1) (each sample is held out once)."""
+        k = self.params.get("folds", "")
+        return 1 / (int(k) - 1) if k.isdigit() and int(k) >= 2 else 1 / (len(self.folds) - 1)
+
 
 @dataclass
 class Row:
@@ -88,6 +105,7 @@ class Comparison:
     tracking_uri: str
     rows: list[Row]
     alpha: float = ALPHA
+    test: str = TESTS[0]  # the test between configs that share folds
     sweep: str | None = None
     experiment: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -114,6 +132,7 @@ class Comparison:
             "tracking_uri": self.tracking_uri,
             "generated": self.generated,
             "alpha": self.alpha,
+            "test": self.test,
             "notes": self.notes,
             "configs": [
                 {
@@ -178,15 +197,30 @@ def _differences(a: Mapping[str, str], b: Mapping[str, str]) -> str:
     return ", ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b.get(k))
 
 
-def compare_runs(
-    runs: Sequence[ConfigRun], *, alpha: float = ALPHA, source: str = "", tracking_uri: str = ""
-) -> Comparison:
-    """Rank configs by mean fold accuracy and test each against the best.
+def _shared_folds_test(run: ConfigRun, best: ConfigRun, test: str) -> TestResult:
+    if test == "paired":
+        return paired_t_test(run.folds, best.folds)
+    return corrected_t_test(run.folds, best.folds, test_train_ratio=best.test_train_ratio)
 
-    Raises CompareError when alpha is not in (0, 1) or a config has fewer than 2 folds.
+
+def compare_runs(
+    runs: Sequence[ConfigRun],
+    *,
+    alpha: float = ALPHA,
+    test: str = TESTS[0],
+    source: str = "",
+    tracking_uri: str = "",
+) -> Comparison:
+    """Rank configs by mean fold accuracy and test each against the best: `test` (one of TESTS)
+    when they share folds, Welch's test otherwise.
+
+    Raises CompareError when alpha is not in (0, 1), `test` is unknown or a config has fewer
+    than 2 folds.
     """
     if not 0 < alpha < 1:
         raise CompareError(f"alpha={alpha} must be in (0, 1)")
+    if test not in TESTS:
+        raise CompareError(f"unknown test {test!r}. Fix: use one of {', '.join(TESTS)}")
     configs, notes = group_configs(runs)
     labels = config_labels(configs)
     for run, label in zip(configs, labels, strict=True):
@@ -208,14 +242,19 @@ def compare_runs(
     for rank, (summary, label, run) in enumerate(ranked[1:], start=2):
         same_folds = run.fold_assignment == best.fold_assignment
         if same_folds and set(run.folds) == set(best.folds):
-            test, note = paired_t_test(run.folds, best.folds), ""
+            result, note = _shared_folds_test(run, best, test), ""
         else:
-            test = welch_t_test(list(run.folds.values()), list(best.folds.values()))
+            result = welch_t_test(list(run.folds.values()), list(best.folds.values()))
             why = (
                 _differences(run.fold_assignment, best.fold_assignment)
                 if not same_folds
                 else f"fold runs {sorted(run.folds)} vs {sorted(best.folds)}"
             )
-            note = f"folds not comparable with the best's ({why}): unpaired Welch t-test"
-        rows.append(Row(rank, label, run, summary, test, note))
-    return Comparison(source=source, tracking_uri=tracking_uri, rows=rows, alpha=alpha, notes=notes)
+            note = (
+                f"folds not comparable with the best's ({why}): unpaired Welch t-test, which "
+                "assumes independent scores and, like the plain paired test, is optimistic"
+            )
+        rows.append(Row(rank, label, run, summary, result, note))
+    return Comparison(
+        source=source, tracking_uri=tracking_uri, rows=rows, alpha=alpha, test=test, notes=notes
+    )

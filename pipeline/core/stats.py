@@ -1,5 +1,7 @@
 """The statistics of a config comparison: a fold-score summary with a Student-t interval, and
-two-sided t-tests of one config against another (paired over folds, or Welch's unpaired).
+two-sided t-tests of one config against another: the corrected resampled t-test over shared
+folds (Nadeau & Bengio 2003; Bouckaert & Frank 2004 for repeated k-fold), the plain paired
+t-test, or Welch's unpaired test.
 
 SciPy is imported inside the functions: the Hydra callbacks reach this module through
 pipeline.infra.runs, and every sweep loads them.
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 ALPHA = 0.05
@@ -35,7 +37,7 @@ class Summary:
 class TestResult:
     """A two-sided t-test of a config against the best."""
 
-    test: str  # "paired t" or "Welch t"
+    test: str  # "corrected t", "paired t" or "Welch t"
     statistic: float
     p_value: float
     df: float
@@ -71,27 +73,63 @@ def _identical(a: Sequence[float], b: Sequence[float]) -> bool:
     )
 
 
-def paired_t_test(a: Mapping[int, float], b: Mapping[int, float]) -> TestResult:
-    """scipy.stats.ttest_rel of a against b, paired by fold number (fold -> score, the same folds
-    in both and at least 2; ValueError otherwise).
+def _pairs(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[list, list]:
+    """The scores of a and b in the same fold order (ValueError unless the same >= 2 folds)."""
+    if set(a) != set(b):
+        raise ValueError(f"folds differ: {sorted(a)} vs {sorted(b)}")
+    if len(a) < 2:
+        raise ValueError("need at least 2 paired folds")
+    folds = sorted(a)
+    return [a[k] for k in folds], [b[k] for k in folds]
+
+
+def paired_t_test(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> TestResult:
+    """scipy.stats.ttest_rel of a against b, paired by fold (fold -> score, e.g. fold number or
+    (repeat, fold); the same folds in both and at least 2; ValueError otherwise).
 
     When every pair is equal the t statistic is 0/0 (scipy returns nan): there is no evidence of
     any difference, so this returns t=0, p=1.
     """
     from scipy import stats
 
-    if set(a) != set(b):
-        raise ValueError(f"folds differ: {sorted(a)} vs {sorted(b)}")
-    folds = sorted(a)
-    x, y = [a[k] for k in folds], [b[k] for k in folds]
-    if len(folds) < 2:
-        raise ValueError("need at least 2 paired folds")
+    x, y = _pairs(a, b)
     if _identical(x, y):
-        return TestResult("paired t", 0.0, 1.0, len(folds) - 1)
+        return TestResult("paired t", 0.0, 1.0, len(x) - 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "precision loss": nearly equal pairs
         result = stats.ttest_rel(x, y)
     return TestResult("paired t", float(result.statistic), float(result.pvalue), float(result.df))
+
+
+def corrected_t_test(
+    a: Mapping[Hashable, float], b: Mapping[Hashable, float], *, test_train_ratio: float
+) -> TestResult:
+    """The corrected resampled t-test of a against b over the same n folds (fold -> score, as
+    paired_t_test): with d the n paired differences,
+
+        t = mean(d) / sqrt((1/n + n_test/n_train) · var(d)),  df = n - 1, two-sided p.
+
+    Nadeau & Bengio (2003), "Inference for the Generalization Error", Machine Learning 52: fold
+    scores share training data, so var(d)/n underestimates the variance of mean(d); the
+    n_test/n_train term corrects for that. Over r repeats of k-fold CV (n = r·k differences)
+    this is Bouckaert & Frank's (2004) corrected repeated k-fold cv test. For k-fold CV
+    `test_train_ratio` = 1/(k-1) (>= 0; 0 gives the plain paired t-test). Equal pairs: t=0, p=1.
+    """
+    import numpy as np
+    from scipy import stats
+
+    if test_train_ratio < 0:
+        raise ValueError(f"test_train_ratio={test_train_ratio} must be >= 0")
+    x, y = _pairs(a, b)
+    df = len(x) - 1
+    d = np.subtract(x, y)
+    var = float(d.var(ddof=1))
+    if _identical(x, y) or var == 0:
+        # Equal pairs: no evidence. A constant nonzero difference: t is infinite.
+        t = 0.0 if _identical(x, y) else math.copysign(math.inf, float(d.mean()))
+        return TestResult("corrected t", t, 1.0 if t == 0 else 0.0, df)
+    t = float(d.mean()) / math.sqrt((1 / len(d) + test_train_ratio) * var)
+    return TestResult("corrected t", t, float(2 * stats.t.sf(abs(t), df)), df)
 
 
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> TestResult:

@@ -215,6 +215,7 @@ def log_comparison(client: Any, comparison: Comparison, files: Sequence[Path]) -
     run_id = run.info.run_id
     try:
         client.log_param(run_id, "alpha", comparison.alpha)
+        client.log_param(run_id, "test", comparison.test)
         client.log_param(run_id, "configs", len(comparison.rows))
         client.log_metric(run_id, "best_accuracy_mean", comparison.best.summary.mean)
         ties = sum(1 for r in comparison.rows if r.significant(comparison.alpha) is False)
