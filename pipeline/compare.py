@@ -51,7 +51,7 @@ def _p(p: float) -> str:
 
 def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     level = f"{100 * (1 - comparison.alpha):g}% CI"
-    header = ["rank", "config", "folds", "mean", "std", level, "Δ vs best", "p", "test"]
+    header = ["rank", "config", "folds", "mean", "std", level, "Δ vs best", "p", "p (Holm)", "test"]
     header += ["verdict", "run"]
     best = comparison.best.summary.mean
     rows = []
@@ -67,6 +67,7 @@ def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
                 f"[{s.ci_low:.4f}, {s.ci_high:.4f}]",
                 "—" if row.is_best else f"{s.mean - best:+.4f}",
                 "—" if row.test is None else _p(row.test.p_value),
+                "—" if row.p_adjusted is None else _p(row.p_adjusted),
                 "—" if row.test is None else row.test.test,
                 comparison.verdict(row),
                 row.run.run_id[:8],
@@ -84,7 +85,9 @@ def _method(comparison: Comparison) -> list[str]:
         "over the folds they share (paired by fold; the folds are the same samples when the "
         "data, `folds`, `crossval.*` and, when shuffling, `seed` match), otherwise with "
         "Welch's t-test.",
-        f"p >= {comparison.alpha:g}: the data do not show the config is worse than the best. "
+        "p (Holm): the p-values against the best adjusted for testing several configs (Holm "
+        "1979; controls the chance of any false 'worse' at alpha); the verdict uses them.",
+        f"Holm p >= {comparison.alpha:g}: the data do not show the config is worse than the best. "
         "That is not proof they are equal; with few folds only large gaps are detectable.",
         _CAVEATS[comparison.test],
     ]
@@ -128,7 +131,7 @@ def to_markdown(comparison: Comparison) -> str:
 
 # Left-align the text columns (config, verdict); green the best, yellow its ties.
 _STYLE = """body{max-width:72rem}th{text-align:center}
-td:nth-child(2),td:nth-child(10){text-align:left}tr.best{background:#e6f4ea;font-weight:600}tr.tie{background:#fff8e1}"""
+td:nth-child(2),td:nth-child(11){text-align:left}tr.best{background:#e6f4ea;font-weight:600}tr.tie{background:#fff8e1}"""
 
 
 def to_html(comparison: Comparison) -> str:

@@ -16,13 +16,20 @@ from scipy import stats
 
 from pipeline.compare import main, run_compare, to_markdown
 from pipeline.core.comparison import CompareError, Comparison, ConfigRun, compare_runs
-from pipeline.core.stats import corrected_t_test, paired_t_test, summarize, welch_t_test
+from pipeline.core.stats import (
+    corrected_t_test,
+    holm,
+    paired_t_test,
+    summarize,
+    welch_t_test,
+)
 
 TABLE_HEADER = (
-    "| rank | config | folds | mean | std | 95% CI | Δ vs best | p | test | verdict | run |"
+    "| rank | config | folds | mean | std | 95% CI | Δ vs best | p | p (Holm) | test | verdict "
+    "| run |"
 )
-NOT_SIGNIFICANT = "not significantly different from the best (p >= 0.05)"
-SIGNIFICANT = "significantly worse than the best (p < 0.05)"
+NOT_SIGNIFICANT = "not significantly different from the best (Holm p >= 0.05)"
+SIGNIFICANT = "significantly worse than the best (Holm p < 0.05)"
 
 # --------------------------------------------------------------------------- statistics
 
@@ -116,6 +123,34 @@ def test_welch_t_test_on_hand_checked_numbers():
     assert result.statistic == pytest.approx(t, rel=1e-6)
     assert result.df == pytest.approx(df, rel=1e-6)
     assert result.p_value == pytest.approx(2 * stats.t.sf(t, df), rel=1e-6)
+
+
+def test_holm_adjustment_by_hand():
+    """Holm (1979): sort the m p-values, multiply the i-th smallest by m - i + 1, keep them
+    non-decreasing, cap at 1; returned in the input order."""
+    # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 -> max(0.06, 0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # 0.5·2 capped at 1, then non-decreasing
+    assert holm([0.2]) == [0.2] and holm([]) == []
+
+
+def test_verdicts_use_holm_adjusted_p_values():
+    # Three configs against the best, each raw p just under 0.05: Holm lifts some over it.
+    best = _run("best", [0.90, 0.91, 0.92, 0.93, 0.94], width=512)
+    others = [
+        _run(f"w{w}", [0.90 - g, 0.91 - g - 0.01, 0.92 - g, 0.93 - g + 0.01, 0.94 - g], width=w)
+        for w, g in ((8, 0.02), (16, 0.014), (32, 0.0135))
+    ]
+    comparison = compare_runs([best, *others])
+    rows = comparison.rows[1:]
+    raw = [r.test.p_value for r in rows]  # type: ignore[union-attr]
+    assert [r.p_adjusted for r in rows] == pytest.approx(holm(raw))
+    for row in rows:
+        assert comparison.verdict(row) == (
+            SIGNIFICANT if row.p_adjusted < 0.05 else NOT_SIGNIFICANT  # type: ignore[operator]
+        )
+    assert any(p < 0.05 for p in raw) and any(r.significant(0.05) is False for r in rows)
+    assert "p (Holm)" in to_markdown(comparison)
 
 
 def _run(run_id: str, folds: list[float], start: int = 0, **params: Any) -> ConfigRun:

@@ -20,6 +20,7 @@ from pipeline.core.stats import (
     Summary,
     TestResult,
     corrected_t_test,
+    holm,
     paired_t_test,
     summarize,
     welch_t_test,
@@ -90,13 +91,15 @@ class Row:
     summary: Summary
     test: TestResult | None  # None for the best
     note: str = ""
+    p_adjusted: float | None = None  # Holm-adjusted over all configs tested against the best
 
     @property
     def is_best(self) -> bool:
         return self.test is None
 
     def significant(self, alpha: float) -> bool | None:
-        return None if self.test is None else self.test.p_value < alpha
+        """Whether the Holm-adjusted p-value is below alpha (None for the best)."""
+        return None if self.p_adjusted is None else self.p_adjusted < alpha
 
 
 @dataclass
@@ -121,8 +124,8 @@ class Comparison:
         if row.is_best:
             return "best"
         if row.significant(self.alpha):
-            return f"significantly worse than the best (p < {self.alpha:g})"
-        return f"not significantly different from the best (p >= {self.alpha:g})"
+            return f"significantly worse than the best (Holm p < {self.alpha:g})"
+        return f"not significantly different from the best (Holm p >= {self.alpha:g})"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +146,7 @@ class Comparison:
                     "fold_accuracy": {str(k): v for k, v in sorted(r.run.folds.items())},
                     **asdict(r.summary),
                     "test": asdict(r.test) if r.test else None,
+                    "p_holm": r.p_adjusted,
                     "significant": r.significant(self.alpha),
                     "verdict": self.verdict(r),
                     "note": r.note,
@@ -255,6 +259,10 @@ def compare_runs(
                 "assumes independent scores and, like the plain paired test, is optimistic"
             )
         rows.append(Row(rank, label, run, summary, result, note))
+    # Several configs are tested against the best: adjust for multiplicity.
+    tested = rows[1:]
+    for row, adjusted in zip(tested, holm([r.test.p_value for r in tested if r.test]), strict=True):
+        row.p_adjusted = adjusted
     return Comparison(
         source=source, tracking_uri=tracking_uri, rows=rows, alpha=alpha, test=test, notes=notes
     )

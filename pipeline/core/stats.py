@@ -132,6 +132,20 @@ def corrected_t_test(
     return TestResult("corrected t", t, float(2 * stats.t.sf(abs(t), df)), df)
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's (1979) step-down adjustment of m p-values, in their input order: the i-th smallest
+    (i = 1..m) becomes max over j <= i of min(1, (m - j + 1) · p_(j)). Rejecting where the
+    adjusted p < alpha keeps the family-wise error rate at alpha for any dependence between the
+    tests ("A simple sequentially rejective multiple test procedure", Scand. J. Statist. 6)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> TestResult:
     """scipy.stats.ttest_ind(a, b, equal_var=False): Welch's t-test, with the Welch-Satterthwaite
     df (at least 2 scores each; ValueError otherwise). Two constant, equal samples give t=0, p=1."""
