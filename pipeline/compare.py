@@ -64,7 +64,7 @@ def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
                 str(s.n),
                 f"{s.mean:.4f}",
                 f"{s.std:.4f}",
-                f"[{s.ci_low:.4f}, {s.ci_high:.4f}]",
+                f"[{s.ci_low:.4f}, {s.ci_high:.4f}]" + (" (clipped)" if s.clipped else ""),
                 "—" if row.is_best else f"{s.mean - best:+.4f}",
                 "—" if row.test is None else _p(row.test.p_value),
                 "—" if row.p_adjusted is None else _p(row.p_adjusted),
@@ -80,7 +80,10 @@ def _method(comparison: Comparison) -> list[str]:
     level = f"{100 * (1 - comparison.alpha):g}%"
     return [
         f"Each row is one config's cross-validation: the mean of its fold accuracies, their "
-        f"standard deviation (ddof=1) and a {level} Student-t interval.",
+        f"standard deviation (ddof=1) and a {level} corrected t interval, mean ± t(n-1) · std · "
+        "sqrt(1/n + n_test/n_train) (Nadeau & Bengio 2003: fold scores share training data, "
+        "so std/√n is too narrow). An accuracy lies in [0, 1]: an interval reaching past it "
+        "is clipped there and marked (clipped).",
         f"Each config is tested against the best with a two-sided {_TEST_NAMES[comparison.test]} "
         "over the folds they share (paired by fold; the folds are the same samples when the "
         "data, `folds`, `crossval.*` and, when shuffling, `seed` match), otherwise with "

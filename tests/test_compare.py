@@ -35,19 +35,48 @@ SIGNIFICANT = "significantly worse than the best (Holm p < 0.05)"
 
 
 def test_summary_on_hand_checked_numbers():
-    s = summarize([0.8, 0.9, 1.0])
-    assert (s.n, s.mean, s.std) == (3, pytest.approx(0.9), pytest.approx(0.1))
-    # t(0.975, df=2) = 4.302653; half width = 4.302653 * 0.1 / sqrt(3) = 0.248414
-    assert s.half_width == pytest.approx(0.248414, abs=1e-6)
-    assert (s.ci_low, s.ci_high) == (pytest.approx(0.651586, abs=1e-6), pytest.approx(1.148414))
+    s = summarize([0.8, 0.9, 0.85])
+    assert (s.n, s.mean, s.std) == (3, pytest.approx(0.85), pytest.approx(0.05))
+    # t(0.975, df=2) = 4.302653; half width = 4.302653 * 0.05 / sqrt(3) = 0.124207
+    assert s.half_width == pytest.approx(0.124207, abs=1e-6)
+    assert (s.ci_low, s.ci_high) == (pytest.approx(0.725793, abs=1e-6), pytest.approx(0.974207))
+    assert (s.method, s.clipped) == ("Student t", False)
+
+
+def test_corrected_interval_on_the_papers_formula():
+    """Nadeau & Bengio (2003): mean ± t(n-1) · sqrt((1/n + n_test/n_train) · var)."""
+    scores = [0.8, 0.82, 0.81]
+    s = summarize(scores, test_train_ratio=1 / 2)
+    half = stats.t.ppf(0.975, 2) * math.sqrt((1 / 3 + 1 / 2) * stats.tvar(scores))
+    assert s.half_width == pytest.approx(half, rel=1e-12)
+    assert (s.ci_low, s.ci_high) == (pytest.approx(0.81 - half), pytest.approx(0.81 + half))
+    assert s.method == "corrected t"
+
+
+def test_intervals_stay_in_0_1_and_say_so():
+    # The issue's 2-fold case: t(0.975, 1) = 12.7 made [-0.4832, 0.7593].
+    low = summarize([0.2, 0.076])
+    assert low.mean - low.half_width < 0 and low.ci_low == 0.0 and low.clipped
+    assert low.ci_high == pytest.approx(low.mean + low.half_width)
+    high = summarize([0.8, 0.9, 1.0])
+    assert (high.ci_high, high.clipped) == (1.0, True)
+    assert high.ci_low == pytest.approx(0.9 - stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3))
+    assert 0 <= high.ci_low <= high.mean <= high.ci_high <= 1
+    assert to_markdown(compare_runs([_run("a", [0.8, 0.9, 1.0])])).count("] (clipped) |") == 1
 
 
 def test_interval_is_wider_for_fewer_folds():
-    # Same mean and spread of values; 3 folds vs 6 (t(0.975, 5) = 2.570582, std = 0.089443).
-    few, many = summarize([0.8, 0.9, 1.0]), summarize([0.8, 0.9, 1.0] * 2)
-    assert many.half_width == pytest.approx(2.570582 * 0.089443 / math.sqrt(6), abs=1e-6)
+    # Same mean and spread of values; 3 folds vs 6 (t(0.975, 5) = 2.570582, std = 0.044721).
+    few, many = summarize([0.8, 0.9, 0.85]), summarize([0.8, 0.9, 0.85] * 2)
+    assert many.half_width == pytest.approx(2.570582 * 0.044721 / math.sqrt(6), abs=1e-6)
     assert few.half_width > 2 * many.half_width
     assert few.ci_low < few.mean < few.ci_high
+
+
+def test_two_or_three_folds_get_a_wide_by_nature_note():
+    comparison = compare_runs([_run("a", [0.80, 0.82, 0.81]), _run("b", [0.9, 0.8, 0.85, 0.8])])
+    notes = [n for n in comparison.notes if "wide by nature" in n]
+    assert len(notes) == 1 and "rank 2 (folds=3)" in notes[0] and "rank 1" not in notes[0]
 
 
 def test_summary_needs_two_scores():
@@ -341,15 +370,20 @@ def _combo(sweep: Sweep, row) -> str:
     return next(c for c, p in sweep.parents.items() if p.info.run_id == row.run.run_id)
 
 
-def test_intervals_are_student_t_around_the_mean(sweep: Sweep):
+def test_intervals_are_corrected_t_around_the_mean_within_0_1(sweep: Sweep):
     for row in sweep.comparison.rows:
         scores = list(sweep.accuracies[_combo(sweep, row)].values())
         s = row.summary
-        assert s.ci_low < s.mean < s.ci_high
+        assert 0 <= s.ci_low < s.mean < s.ci_high <= 1
         n = len(scores)
         std = stats.tstd(scores)  # ddof=1
         assert s.std == pytest.approx(std)
-        assert s.half_width == pytest.approx(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+        # k-fold: n_test/n_train = 1/(k-1)
+        factor = math.sqrt(1 / n + 1 / (n - 1))
+        assert s.half_width == pytest.approx(stats.t.ppf(0.975, n - 1) * std * factor)
+        assert s.ci_low == pytest.approx(max(0, s.mean - s.half_width))
+        assert s.ci_high == pytest.approx(min(1, s.mean + s.half_width))
+    assert any("wide by nature" in n for n in sweep.comparison.notes)  # 2 and 3 folds
 
 
 def test_clearly_worse_config_is_significant_by_the_corrected_test(sweep: Sweep):

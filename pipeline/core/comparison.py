@@ -35,6 +35,8 @@ RUN_ONLY_PREFIXES = ("tracking.",)
 RUN_ONLY_PARAMS = frozenset({"dataset.mirrors", "dataset.timeout", "dataset.retries", "threads"})
 # What decides crossval's fold assignment, with the data's checksum.
 FOLD_PARAMS = ("folds", "crossval.shuffle", "crossval.stratified")
+# Up to this many scores, a t interval is wide by nature: say so.
+WIDE_UP_TO = 3
 # The tests between configs that share folds, by name (compare's --test); the first is the default.
 TESTS = ("corrected", "paired")
 
@@ -236,7 +238,13 @@ def compare_runs(
             )
     ranked = sorted(
         (
-            (summarize(list(run.folds.values()), 1 - alpha), label, run)
+            (
+                summarize(
+                    list(run.folds.values()), 1 - alpha, test_train_ratio=run.test_train_ratio
+                ),
+                label,
+                run,
+            )
             for run, label in zip(configs, labels, strict=True)
         ),
         key=lambda item: (-item[0].mean, item[1]),
@@ -259,6 +267,12 @@ def compare_runs(
                 "assumes independent scores and, like the plain paired test, is optimistic"
             )
         rows.append(Row(rank, label, run, summary, result, note))
+    if few := [f"rank {r.rank} ({r.label})" for r in rows if r.summary.n <= WIDE_UP_TO]:
+        notes.append(
+            f"{', '.join(few)}: {WIDE_UP_TO} or fewer fold scores, so the interval is wide by "
+            "nature (t(0.975, df) is 12.71 for df 1, 4.30 for df 2); more folds or "
+            "crossval.repeats narrow it"
+        )
     # Several configs are tested against the best: adjust for multiplicity.
     tested = rows[1:]
     for row, adjusted in zip(tested, holm([r.test.p_value for r in tested if r.test]), strict=True):

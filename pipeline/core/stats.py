@@ -19,7 +19,9 @@ ALPHA = 0.05
 
 @dataclass(frozen=True)
 class Summary:
-    """Fold accuracies of one config: n, mean, sample std (ddof=1) and a Student-t interval."""
+    """Scores of one config (fold accuracies, or test accuracies over seeds): n, mean, sample std
+    (ddof=1) and a t interval (method "Student t" or "corrected t"), clipped to the scores'
+    bounds (clipped=True when it was); half_width is the t interval's, before clipping."""
 
     n: int
     mean: float
@@ -27,10 +29,9 @@ class Summary:
     ci_low: float
     ci_high: float
     confidence: float
-
-    @property
-    def half_width(self) -> float:
-        return (self.ci_high - self.ci_low) / 2
+    half_width: float
+    method: str
+    clipped: bool
 
 
 @dataclass(frozen=True)
@@ -55,16 +56,34 @@ def sample_std(scores: Sequence[float]) -> float:
     return float(values.std(ddof=1))
 
 
-def summarize(scores: Sequence[float], confidence: float = 1 - ALPHA) -> Summary:
-    """Mean, std (ddof=1, sample_std) and the `confidence` interval mean ± t(n-1) · std / √n of
-    `scores` (n >= 2 values; ValueError otherwise)."""
+def summarize(
+    scores: Sequence[float],
+    confidence: float = 1 - ALPHA,
+    *,
+    test_train_ratio: float = 0.0,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> Summary:
+    """Mean, std (ddof=1, sample_std) and the `confidence` interval of `scores` (n >= 2 values;
+    ValueError otherwise):
+
+        mean ± t(n-1) · std · sqrt(1/n + test_train_ratio),
+
+    the Student-t interval for test_train_ratio=0 (independent scores, e.g. seeds), and Nadeau &
+    Bengio's (2003) corrected resampled t interval for cross-validation folds (n_test/n_train =
+    1/(k-1) for k folds), whose scores share training data. An accuracy lies in [0, 1]: the
+    interval is clipped to `bounds` and flagged, since t intervals, symmetric by construction,
+    can spill over with few folds."""
     import numpy as np
     from scipy import stats
 
     values = np.asarray(scores, dtype=float)
     mean, std = float(values.mean()), sample_std(values)
-    half = float(stats.t.ppf((1 + confidence) / 2, values.size - 1)) * std / math.sqrt(values.size)
-    return Summary(int(values.size), mean, std, mean - half, mean + half, confidence)
+    t = float(stats.t.ppf((1 + confidence) / 2, values.size - 1))
+    half = t * std * math.sqrt(1 / values.size + test_train_ratio)
+    low, high = max(bounds[0], mean - half), min(bounds[1], mean + half)
+    method = "corrected t" if test_train_ratio > 0 else "Student t"
+    clipped = low > mean - half or high < mean + half
+    return Summary(int(values.size), mean, std, low, high, confidence, half, method, clipped)
 
 
 def _identical(a: Sequence[float], b: Sequence[float]) -> bool:
