@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.core.comparison import TESTS, Comparison, compare_runs
+from pipeline.core.comparison import TESTS, Comparison, Row, compare_runs
 from pipeline.core.stats import ALPHA
 from pipeline.infra import paths
 from pipeline.infra.config import LOCAL_TRACKING_URI
@@ -49,6 +49,12 @@ def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _folds(row: Row) -> str:
+    """n, or r x k for repeated k-fold CV."""
+    repeats = len({repeat for repeat, _ in row.run.folds})
+    return str(row.summary.n) if repeats == 1 else f"{repeats}x{row.summary.n // repeats}"
+
+
 def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
     level = f"{100 * (1 - comparison.alpha):g}% CI"
     header = ["rank", "config", "folds", "mean", "std", level, "Δ vs best", "p", "p (Holm)", "test"]
@@ -61,7 +67,7 @@ def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
             [
                 str(row.rank),
                 row.label,
-                str(s.n),
+                _folds(row),
                 f"{s.mean:.4f}",
                 f"{s.std:.4f}",
                 f"[{s.ci_low:.4f}, {s.ci_high:.4f}]" + (" (clipped)" if s.clipped else ""),

@@ -192,7 +192,7 @@ def _run(run_id: str, folds: list[float], start: int = 0, **params: Any) -> Conf
         start_time=start,
         params=base,
         tags={"dataset_sha256": "abc", "hydra_overrides": "width=1 epochs=1"},
-        folds=dict(enumerate(folds, start=1)),
+        folds={(1, k): v for k, v in enumerate(folds, start=1)},
     )
 
 
@@ -265,12 +265,13 @@ def test_a_config_with_one_fold_is_refused():
 
 # One Hydra multirun, four jobs with hand-picked combinations (a config group added through
 # hydra.searchpath, since a sweep over width=... x epochs=... is a full cross product):
+# Repeated 3-fold CV, 2 repeats: 6 fold runs each, for the corrected repeated k-fold test.
 COMBOS = {
-    "best": {"width": 64, "epochs": 5, "folds": 3},
+    "best": {"width": 64, "epochs": 5, "folds": 3, "crossval.repeats": 2},
     # Identical training: crossval passes each fold's validation data, so validation_split is
     # unused. With deterministic=true its folds are bitwise the best's.
-    "clone": {"width": 64, "epochs": 5, "folds": 3, "validation_split": 0.1},
-    "worse": {"width": 4, "epochs": 1, "folds": 3},
+    "clone": {"width": 64, "epochs": 5, "folds": 3, "crossval.repeats": 2, "validation_split": 0.1},
+    "worse": {"width": 4, "epochs": 1, "folds": 3, "crossval.repeats": 2},
     # Other folds than the best's: not pairable, so Welch's test.
     "twofold": {"width": 64, "epochs": 2, "folds": 2},
 }
@@ -281,14 +282,15 @@ class Sweep:
     project: Path
     uri: str
     sweep: str
-    accuracies: dict[str, dict[int, float]]  # combo -> fold -> fold_accuracy, read back here
+    # combo -> (repeat, fold) -> fold_accuracy, read back here
+    accuracies: dict[str, dict[tuple[int, int], float]]
     parents: dict[str, Any]  # combo -> the crossval parent run
     comparison: Comparison
     compare_run_id: str | None
     report: Path
 
 
-def _read_back(uri: str, sweep: str) -> tuple[dict[str, Any], dict[str, dict[int, float]]]:
+def _read_back(uri: str, sweep: str) -> tuple[dict[str, Any], dict[str, dict[Any, float]]]:
     """The sweep's crossval parents and their folds' accuracies, read with plain MlflowClient."""
     import mlflow
 
@@ -302,7 +304,8 @@ def _read_back(uri: str, sweep: str) -> tuple[dict[str, Any], dict[str, dict[int
             [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
         )
         accuracies[combo] = {
-            int(c.data.tags["fold"]): c.data.metrics["fold_accuracy"] for c in children
+            (int(c.data.tags["repeat"]), int(c.data.tags["fold"])): c.data.metrics["fold_accuracy"]
+            for c in children
         }
     return parents, accuracies
 
@@ -313,7 +316,11 @@ def sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Sw
     combos = project / "extra_conf" / "combo"
     combos.mkdir(parents=True)
     for name, values in COMBOS.items():
-        lines = ["# @package _global_", *(f"{k}: {v}" for k, v in values.items())]
+        # YAML keys do not nest on dots: crossval.repeats is written as crossval: {repeats: 2}
+        lines = ["# @package _global_"]
+        for k, v in values.items():
+            head, _, tail = k.partition(".")
+            lines.append(f"{head}: {{{tail}: {v}}}" if tail else f"{k}: {v}")
         (combos / f"{name}.yaml").write_text("\n".join(lines) + "\n")
     uri = sqlite_uri(project / "mlflow.db")
     sweep_dir = project / "multirun"
@@ -323,10 +330,12 @@ def sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Sw
         f"+combo={','.join(COMBOS)}",
         "dataset=digits",
         "deterministic=true",
+        "threads=1",
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={sweep_dir}",
         f"hydra.searchpath=[file://{project / 'extra_conf'}]",
         cwd=project,
+        timeout=900,  # 4 jobs, 20 fold runs, on a shared machine
     )
     assert done.returncode == 0, done.stdout + done.stderr
     parents, accuracies = _read_back(uri, str(sweep_dir))
@@ -349,7 +358,11 @@ def test_every_job_is_compared_with_its_folds(sweep: Sweep):
     for combo, values in COMBOS.items():
         row = _row(sweep, combo)
         assert row.run.folds == sweep.accuracies[combo]
-        assert row.summary.n == values["folds"]
+        repeats = values.get("crossval.repeats", 1)
+        assert row.summary.n == values["folds"] * repeats
+        assert sorted(row.run.folds) == [
+            (r, k) for r in range(1, repeats + 1) for k in range(1, values["folds"] + 1)
+        ]
         assert f"width={values['width']}" in row.label and f"epochs={values['epochs']}" in row.label
 
 
@@ -378,8 +391,9 @@ def test_intervals_are_corrected_t_around_the_mean_within_0_1(sweep: Sweep):
         n = len(scores)
         std = stats.tstd(scores)  # ddof=1
         assert s.std == pytest.approx(std)
-        # k-fold: n_test/n_train = 1/(k-1)
-        factor = math.sqrt(1 / n + 1 / (n - 1))
+        # k-fold: n_test/n_train = 1/(k-1); n = repeats x k
+        k = COMBOS[_combo(sweep, row)]["folds"]
+        factor = math.sqrt(1 / n + 1 / (k - 1))
         assert s.half_width == pytest.approx(stats.t.ppf(0.975, n - 1) * std * factor)
         assert s.ci_low == pytest.approx(max(0, s.mean - s.half_width))
         assert s.ci_high == pytest.approx(min(1, s.mean + s.half_width))
@@ -389,12 +403,13 @@ def test_intervals_are_corrected_t_around_the_mean_within_0_1(sweep: Sweep):
 def test_clearly_worse_config_is_significant_by_the_corrected_test(sweep: Sweep):
     worse, best = sweep.accuracies["worse"], sweep.accuracies["best"]
     d = [worse[k] - best[k] for k in sorted(best)]
-    # Nadeau & Bengio's corrected t, 3 folds: (1/3 + 1/2) · var(d).
-    t = (sum(d) / 3) / math.sqrt((1 / 3 + 1 / 2) * stats.tvar(d))
+    # Bouckaert & Frank's corrected repeated k-fold t, 2 x 3 folds: (1/6 + 1/2) · var(d), df 5.
+    t = (sum(d) / 6) / math.sqrt((1 / 6 + 1 / 2) * stats.tvar(d))
     row = _row(sweep, "worse")
     assert row.test is not None and row.test.test == "corrected t"
     assert row.test.statistic == pytest.approx(t, rel=1e-9)
-    assert row.test.p_value == pytest.approx(2 * stats.t.sf(abs(t), 2), rel=1e-9)
+    assert row.test.df == 5
+    assert row.test.p_value == pytest.approx(2 * stats.t.sf(abs(t), 5), rel=1e-9)
     assert row.test.p_value < 0.05
     assert sweep.comparison.verdict(row) == SIGNIFICANT
 
@@ -416,7 +431,30 @@ def test_other_folds_use_welch_with_a_note(sweep: Sweep):
     )
     assert row.test is not None and row.test.test == "Welch t"
     assert row.test.p_value == pytest.approx(expected.pvalue, rel=1e-9)
-    assert "folds 2 vs 3" in row.note
+    assert "folds 2 vs 3" in row.note and "crossval.repeats 1 vs 2" in row.note
+
+
+def test_repeated_folds_are_tagged_and_summarised(sweep: Sweep):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=sweep.uri)
+    parent = sweep.parents["best"]
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    names = sorted(c.info.run_name for c in children)
+    assert names == [f"repeat {r} fold {k}" for r in (1, 2) for k in (1, 2, 3)]
+    # The job's metrics/crossval.json: all 6 fold scores, their mean and sample std.
+    written = [json.loads(p.read_text()) for p in Path(sweep.sweep).glob("*/metrics/crossval.json")]
+    scores = sweep.accuracies["best"]
+    expected = {f"repeat{r}_fold{k}": scores[(r, k)] for r, k in scores}
+    assert any(
+        w["fold_accuracy"] == pytest.approx(expected)
+        and w["accuracy_std"] == pytest.approx(stats.tstd(list(scores.values())))
+        for w in written
+    )
+    markdown = (sweep.report / "compare.md").read_text()
+    assert f"| {_row(sweep, 'best').label} | 2x3 |" in markdown
 
 
 def test_reports_are_written(sweep: Sweep):

@@ -34,7 +34,9 @@ FOLD_METRIC = "fold_accuracy"
 RUN_ONLY_PREFIXES = ("tracking.",)
 RUN_ONLY_PARAMS = frozenset({"dataset.mirrors", "dataset.timeout", "dataset.retries", "threads"})
 # What decides crossval's fold assignment, with the data's checksum.
-FOLD_PARAMS = ("folds", "crossval.shuffle", "crossval.stratified")
+FOLD_PARAMS = ("folds", "crossval.shuffle", "crossval.stratified", "crossval.repeats")
+# Runs logged before crossval.repeats existed had one fold assignment.
+PARAM_DEFAULTS = {"crossval.repeats": "1"}
 # Up to this many scores, a t interval is wide by nature: say so.
 WIDE_UP_TO = 3
 # The tests between configs that share folds, by name (compare's --test); the first is the default.
@@ -47,7 +49,8 @@ class CompareError(PipelineError):
 
 @dataclass
 class ConfigRun:
-    """One crossval parent run and its fold accuracies (fold number -> fold_accuracy).
+    """One crossval parent run and its fold accuracies ((repeat, fold) -> fold_accuracy, both
+    numbered from 1; repeat 1 only unless crossval.repeats > 1).
 
     params and tags are MLflow's strings (flattened config keys, e.g. "crossval.shuffle").
     """
@@ -57,7 +60,7 @@ class ConfigRun:
     start_time: int  # ms since the epoch
     params: dict[str, str]
     tags: dict[str, str]
-    folds: dict[int, float]
+    folds: dict[tuple[int, int], float]
     metrics: dict[str, float] = field(default_factory=dict)  # the run's own (accuracy_mean, ...)
 
     @property
@@ -72,7 +75,7 @@ class ConfigRun:
     @property
     def fold_assignment(self) -> dict[str, str]:
         """What decides which samples land in which fold: equal -> the folds are the same."""
-        key = {k: self.params.get(k, "?") for k in FOLD_PARAMS}
+        key = {k: self.params.get(k, PARAM_DEFAULTS.get(k, "?")) for k in FOLD_PARAMS}
         if self.params.get("crossval.shuffle", "True") != "False":
             key["seed"] = self.params.get("seed", "?")  # KFold's random_state only when shuffling
         key["data"] = self.tags.get("dataset_sha256", "?")
@@ -82,7 +85,9 @@ class ConfigRun:
     def test_train_ratio(self) -> float:
         """n_test/n_train of one fold of k-fold CV: 1/(k-1) (each sample is held out once)."""
         k = self.params.get("folds", "")
-        return 1 / (int(k) - 1) if k.isdigit() and int(k) >= 2 else 1 / (len(self.folds) - 1)
+        if not (k.isdigit() and int(k) >= 2):
+            k = str(max(2, len({fold for _, fold in self.folds})))
+        return 1 / (int(k) - 1)
 
 
 @dataclass
@@ -145,7 +150,9 @@ class Comparison:
                     "label": r.label,
                     "run_id": r.run.run_id,
                     "params": r.run.config,
-                    "fold_accuracy": {str(k): v for k, v in sorted(r.run.folds.items())},
+                    "fold_accuracy": {
+                        f"repeat{i}_fold{k}": v for (i, k), v in sorted(r.run.folds.items())
+                    },
                     **asdict(r.summary),
                     "test": asdict(r.test) if r.test else None,
                     "p_holm": r.p_adjusted,

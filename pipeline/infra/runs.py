@@ -2,8 +2,8 @@
 
 A sweep is found by the `sweep` tag every job of one Hydra `-m` invocation carries; its crossval
 parent runs (tag stage=crossval) become `ConfigRun`s with the fold_accuracy of their finished
-fold runs (stage=crossval-fold). Used by `python -m pipeline.compare` and by the Hydra callback
-that tags a search's best trial.
+fold runs (stage=crossval-fold), keyed by (repeat, fold). Used by `python -m pipeline.compare`
+and by the Hydra callback that tags a search's best trial.
 """
 
 from __future__ import annotations
@@ -102,23 +102,27 @@ def resolve_sweep(client: Any, sweep: str) -> str:
     )
 
 
-def _fold_runs(client: Any, parent: Any) -> dict[int, float]:
+def _fold_runs(client: Any, parent: Any) -> dict[tuple[int, int], float]:
     children = _search(
         client,
         [parent.info.experiment_id],
         f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = '{FOLD_STAGE}'",
     )
-    folds: dict[int, float] = {}
+    folds: dict[tuple[int, int], float] = {}
     for child in children:
         fold, accuracy = child.data.tags.get("fold"), child.data.metrics.get(FOLD_METRIC)
+        repeat = child.data.tags.get("repeat", "1")  # runs from before crossval.repeats
         if child.info.status != "FINISHED" or accuracy is None or not (fold or "").isdigit():
             continue
-        if int(fold) in folds:
+        if not repeat.isdigit():
+            continue
+        key = (int(repeat), int(fold))
+        if key in folds:
             raise CompareError(
-                f"crossval run {parent.info.run_id} has two runs for fold {fold}: "
-                "the store was edited by hand? Delete one in the MLflow UI"
+                f"crossval run {parent.info.run_id} has two runs for repeat {repeat} fold "
+                f"{fold}: the store was edited by hand? Delete one in the MLflow UI"
             )
-        folds[int(fold)] = float(accuracy)
+        folds[key] = float(accuracy)
     return folds
 
 
