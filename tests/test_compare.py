@@ -10,15 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from run_helpers import project_copy, run_module, sqlite_uri
 from scipy import stats
 
-from pipeline.compare import main, run_compare, to_markdown
-from pipeline.core.comparison import CompareError, Comparison, ConfigRun, compare_runs
+from pipeline.compare import main, pair_markdown, run_compare, run_pair, to_markdown
+from pipeline.core.comparison import (
+    CompareError,
+    Comparison,
+    ConfigRun,
+    compare_runs,
+    seed_groups,
+)
 from pipeline.core.stats import (
     corrected_t_test,
     holm,
+    mcnemar_exact,
     paired_t_test,
     summarize,
     welch_t_test,
@@ -182,6 +190,22 @@ def test_verdicts_use_holm_adjusted_p_values():
     assert "p (Holm)" in to_markdown(comparison)
 
 
+def test_mcnemar_exact_is_the_binomial_test_on_discordant_pairs():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(500) < 0.9, rng.random(500) < 0.85
+    result = mcnemar_exact(a.tolist(), b.tolist())
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    assert (result.only_a_right, result.only_b_right) == (only_a, only_b)
+    assert result.both_right == int((a & b).sum()) and result.n == 500
+    assert result.p_value == pytest.approx(stats.binomtest(only_a, only_a + only_b).pvalue)
+    # By hand: 1 vs 9 discordant -> 2 · (1 + 9 + ... ) / 2^10 = 2 · 11/1024
+    hand = mcnemar_exact([True] * 1 + [False] * 9, [False] * 1 + [True] * 9)
+    assert hand.p_value == pytest.approx(22 / 1024)
+    assert mcnemar_exact([True, False], [True, False]).p_value == 1.0  # no discordant sample
+    with pytest.raises(ValueError, match="equal-length"):
+        mcnemar_exact([True], [True, False])
+
+
 def _run(run_id: str, folds: list[float], start: int = 0, **params: Any) -> ConfigRun:
     base = {"width": "64", "epochs": "5", "folds": str(len(folds)), "seed": "42"}
     base.update({"crossval.shuffle": "True", "crossval.stratified": "False"})
@@ -254,6 +278,35 @@ def test_a_repeated_config_counts_once_newest_run():
     )
     assert [r.run.run_id for r in comparison.rows] == ["new", "other"]
     assert any("old" in note and "newest" in note for note in comparison.notes)
+
+
+def _train(run_id: str, seed: int, accuracy: float, start: int, **params: Any) -> ConfigRun:
+    run = _run(run_id, [], start=start, seed=seed, **params)
+    run.metrics = {"test_accuracy": accuracy}
+    return run
+
+
+def test_train_runs_over_seeds_group_into_one_config_each():
+    runs = [
+        _train("s0", 0, 0.90, 1),
+        _train("s1-old", 1, 0.10, 2),
+        _train("s1", 1, 0.92, 3),
+        _train("s2", 2, 0.94, 4),
+        _train("w0", 0, 0.80, 5, width=8),
+        _train("w1", 1, 0.82, 6, width=8),
+    ]
+    groups, notes = seed_groups(runs)
+    assert [g.seed_runs for g in groups] == [{0: "s0", 1: "s1", 2: "s2"}, {0: "w0", 1: "w1"}]
+    assert any("s1-old" in n for n in notes)
+    comparison = compare_runs(groups, over="seeds")
+    best, other = comparison.rows
+    assert best.summary.mean == pytest.approx(0.92) and best.summary.method == "Student t"
+    assert other.test is not None and other.test.test == "Welch t"
+    assert other.test.p_value == pytest.approx(
+        stats.ttest_ind([0.80, 0.82], [0.90, 0.92, 0.94], equal_var=False).pvalue
+    )
+    with pytest.raises(CompareError, match=r"1 seed\(s\).*seed=0,1,2,3,4"):
+        compare_runs(seed_groups([_train("x", 0, 0.9, 1)])[0], over="seeds")
 
 
 def test_a_config_with_one_fold_is_refused():
@@ -542,9 +595,10 @@ def test_sweep_without_crossval_runs_and_a_one_fold_config(sweep: Sweep, capsys)
     experiment = client.create_experiment("handmade")
     client.create_run(experiment, tags={"stage": "train", "sweep": "train-only"}, start_time=1)
     message = _error(capsys, "--sweep", "train-only", "--tracking-uri", sweep.uri, "--no-log")
-    assert "no crossval runs in sweep train-only (it has only train runs)" in message
+    # Only train runs: compared as configs over seeds, and this one never finished.
+    assert "no finished train runs in sweep train-only" in message
     message = _error(capsys, "--experiment", "handmade", "--tracking-uri", sweep.uri, "--no-log")
-    assert "no crossval runs in handmade" in message
+    assert "no finished train runs in handmade" in message
 
     # A finished crossval run of which only one fold run survived.
     for width in (8, 16):
@@ -566,3 +620,148 @@ def test_sweep_without_crossval_runs_and_a_one_fold_config(sweep: Sweep, capsys)
         client.set_terminated(parent.info.run_id)
     message = _error(capsys, "--sweep", "one-fold", "--tracking-uri", sweep.uri, "--no-log")
     assert "config width=16" in message and "has 1 finished fold run(s)" in message
+
+
+# --------------------------------------------------------------------------- a seed sweep of train
+
+SEEDS = (0, 1, 2, 3, 4)
+
+
+@dataclass
+class SeedSweep:
+    project: Path
+    uri: str
+    runs: dict[int, Any]  # seed -> its train run, read back with plain MlflowClient
+    comparison: Comparison
+    compare_run_id: str | None
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(digits_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> SeedSweep:
+    import mlflow
+
+    project = project_copy(digits_prepared, tmp_path_factory.mktemp("seeds"))
+    uri = sqlite_uri(project / "mlflow.db")
+    sweep_dir = project / "multirun"
+    done = run_module(
+        "pipeline.train",
+        "-m",
+        f"seed={','.join(map(str, SEEDS))}",
+        "debug=fast",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={sweep_dir}",
+        cwd=project,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, f"tags.sweep = '{sweep_dir}' and tags.stage = 'train'")
+    runs = {int(r.data.params["seed"]): r for r in found}
+    assert sorted(runs) == list(SEEDS)
+    comparison, run_id = run_compare(
+        sweep="latest", tracking_uri=uri, output=project / "out" / "compare.md"
+    )
+    return SeedSweep(project, uri, runs, comparison, run_id)
+
+
+def test_a_seed_sweep_is_one_config_over_seeds(seed_sweep: SeedSweep):
+    comparison = seed_sweep.comparison
+    assert comparison.over == "seeds" and len(comparison.rows) == 1
+    row = comparison.best
+    accuracy = {seed: r.data.metrics["test_accuracy"] for seed, r in seed_sweep.runs.items()}
+    assert row.run.seed_runs == {seed: r.info.run_id for seed, r in seed_sweep.runs.items()}
+    values = [accuracy[seed] for seed in SEEDS]
+    s = row.summary
+    assert (s.n, s.method) == (5, "Student t")
+    assert s.mean == pytest.approx(np.mean(values), abs=1e-12)
+    assert s.std == pytest.approx(stats.tstd(values))
+    assert s.half_width == pytest.approx(stats.t.ppf(0.975, 4) * stats.tstd(values) / math.sqrt(5))
+    assert 0 <= s.ci_low <= s.mean <= s.ci_high <= 1
+    markdown = to_markdown(comparison)
+    assert "| rank | config | seeds | mean |" in markdown
+    per_seed = ", ".join(f"{seed}: {accuracy[seed]:.4f}" for seed in SEEDS)
+    assert f"test_accuracy by seed: {per_seed}" in markdown
+    assert "Student-t interval" in markdown
+
+
+def test_the_seed_comparison_is_logged(seed_sweep: SeedSweep, tmp_path: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=seed_sweep.uri)
+    assert seed_sweep.compare_run_id is not None
+    run = client.get_run(seed_sweep.compare_run_id)
+    assert run.info.status == "FINISHED" and run.data.params["over"] == "seeds"
+    path = client.download_artifacts(run.info.run_id, "compare.json", str(tmp_path))
+    logged = json.loads(Path(path).read_text())["configs"][0]
+    assert sorted(logged["test_accuracy_by_seed"]) == [str(s) for s in SEEDS]
+    assert logged["ci_high"] <= 1 and "method" in logged
+
+
+def _predictions(uri: str, run_id: str, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import mlflow
+
+    path = mlflow.MlflowClient(tracking_uri=uri).download_artifacts(
+        run_id, "plots/predictions.csv", str(tmp_path / run_id)
+    )
+    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=int)
+    return table[:, 0], table[:, 1]
+
+
+def test_mcnemar_on_two_train_runs(seed_sweep: SeedSweep, tmp_path: Path, capsys):
+    import mlflow
+
+    a, b = seed_sweep.runs[0].info.run_id, seed_sweep.runs[1].info.run_id
+    (actual_a, pred_a), (actual_b, pred_b) = (
+        _predictions(seed_sweep.uri, r, tmp_path) for r in (a, b)
+    )
+    assert (actual_a == actual_b).all()
+    right_a, right_b = pred_a == actual_a, pred_b == actual_b
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    pair, _ = run_pair(a, b, tracking_uri=seed_sweep.uri, output=None, log=False)
+    assert (pair.result.only_a_right, pair.result.only_b_right) == (only_a, only_b)
+    assert pair.result.both_right == int((right_a & right_b).sum())
+    expected = stats.binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+    assert pair.result.p_value == pytest.approx(expected)
+    assert pair.a.accuracy == pytest.approx(seed_sweep.runs[0].data.metrics["test_accuracy"])
+
+    output = tmp_path / "pair.md"
+    assert main(["--runs", a, b, "--tracking-uri", seed_sweep.uri, "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        printed
+        == output.read_text()
+        == pair_markdown(pair).replace(pair.generated, printed.split("generated ")[1].rstrip(".\n"))
+    )
+    assert f"| {a[:8]} right | {pair.result.both_right} | {only_a} |" in printed
+    assert "McNemar" in printed and output.with_suffix(".html").is_file()
+    client = mlflow.MlflowClient(tracking_uri=seed_sweep.uri)
+    logged = client.search_runs(
+        [seed_sweep.runs[0].info.experiment_id], f"tags.`compare.runs` = '{a} {b}'"
+    )
+    assert len(logged) == 1 and logged[0].info.status == "FINISHED"
+    assert logged[0].data.metrics["p_value"] == pytest.approx(expected)
+
+
+def test_mcnemar_refuses_runs_scored_on_other_test_data(
+    seed_sweep: SeedSweep, tmp_path: Path, capsys
+):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=seed_sweep.uri)
+    real = seed_sweep.runs[0]
+    other = client.create_run(
+        real.info.experiment_id, tags={"stage": "train", "dataset_sha256": "other"}
+    ).info.run_id
+    csv_dir = tmp_path / "plots"
+    csv_dir.mkdir()
+    (csv_dir / "predictions.csv").write_text("actual,predicted\n1,1\n2,2\n")
+    client.log_artifacts(other, str(csv_dir), artifact_path="plots")
+    client.set_terminated(other)
+    args = ("--tracking-uri", seed_sweep.uri, "--no-log", "--output", str(tmp_path / "x.md"))
+    message = _error(capsys, "--runs", real.info.run_id, other, *args)
+    assert "different test data" in message and "dataset_sha256" in message
+    assert not (tmp_path / "x.md").exists()
+    nothing = client.create_run(real.info.experiment_id, tags={"stage": "crossval"}).info.run_id
+    message = _error(capsys, "--runs", real.info.run_id, nothing, *args)
+    assert "has no plots/predictions.csv" in message

@@ -165,6 +165,40 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
+@dataclass(frozen=True)
+class McNemar:
+    """McNemar's exact test of two classifiers on the same test samples: the 2x2 table of
+    agreements (both right, only a right, only b right, both wrong) and the two-sided p."""
+
+    both_right: int
+    only_a_right: int
+    only_b_right: int
+    both_wrong: int
+    p_value: float
+
+    @property
+    def n(self) -> int:
+        return self.both_right + self.only_a_right + self.only_b_right + self.both_wrong
+
+
+def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> McNemar:
+    """McNemar's (1947) test in its exact form: under "equally accurate", each of the n_ab + n_ba
+    discordant samples (one model right, the other wrong) is a fair coin, so the two-sided p is
+    scipy.stats.binomtest(n_ab, n_ab + n_ba, 0.5) (1 when there is no discordant sample).
+    Dietterich (1998) recommends it for two models scored once on one test set. `a_correct`,
+    `b_correct`: per test sample, whether each model got it right (same length; ValueError)."""
+    import numpy as np
+    from scipy import stats
+
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two equal-length 1-D sequences, got {a.shape} and {b.shape}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    discordant = only_a + only_b
+    p = float(stats.binomtest(only_a, discordant, 0.5).pvalue) if discordant else 1.0
+    return McNemar(int((a & b).sum()), only_a, only_b, int((~a & ~b).sum()), p)
+
+
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> TestResult:
     """scipy.stats.ttest_ind(a, b, equal_var=False): Welch's t-test, with the Welch-Satterthwaite
     df (at least 2 scores each; ValueError otherwise). Two constant, equal samples give t=0, p=1."""
