@@ -27,11 +27,10 @@ def main() -> None:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     base = [f"dataset={args.dataset}", f"threads={args.threads}", f"tracking.uri={uri}"]
     seeds = ",".join(str(s) for s in range(args.seeds))
-    train = [sys.executable, "-m", "pipeline.train", *base]
-    common.run(
-        [*train, "-m", f"seed={seeds}", f"hydra.sweep.dir={work / 'multirun' / 'seeds'}"], work
-    )
-    common.run([*train, "model=cnn", "seed=0"], work)
+    train = [sys.executable, "-m", "pipeline.train"]
+    sweep = [f"seed={seeds}", f"hydra.sweep.dir={work / 'multirun' / 'seeds'}"]
+    common.run([*train, "-m", *base, *sweep], work)  # Hydra's -m before the overrides
+    common.run([*train, *base, "model=cnn", "seed=0"], work)
     cnn_run = json.loads((work / "runs" / "train.json").read_text())["run_id"]
 
     sys.path.insert(0, str(work))  # the work dir's copy of the code
