@@ -3,7 +3,8 @@
 A new, freshly initialised model is built for every fold. (The seed article fits one network
 across all folds, so later folds are scored on data the network has already trained on: that
 leaks and inflates the accuracy.) Outputs: metrics/crossval.json, plots/crossval/{history.csv,
-curves.png, boxplot.png}, runs/crossval.json; MLflow: a parent run with one child run per fold.
+curves.png, boxplot.png}, runs/crossval.json; MLflow: a parent run with one child run per fold
+(crossval.repeats=r: r fold assignments, r x folds child runs tagged repeat and fold).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.core.data import load_split
-from pipeline.core.folds import fold_indices
+from pipeline.core.folds import repeated_fold_indices
 from pipeline.core.stats import sample_std
 from pipeline.infra import paths
 from pipeline.infra.config import Config
@@ -47,29 +48,34 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
     from pipeline.infra.keras_logging import EpochMetricsLogger
 
     data = load_split(prepared_dir / "train.npz")
-    folds = fold_indices(
+    repeats = cfg.crossval.repeats
+    folds = repeated_fold_indices(
         data.labels,
         folds=cfg.folds,
+        repeats=repeats,
         seed=cfg.seed,
         shuffle=cfg.crossval.shuffle,
         stratified=cfg.crossval.stratified,
     )
     dataset_sha = read_json(prepared_dir / "summary.json")["sha256"]
-    accuracies, losses, histories, rows = [], [], [], []
+    names, accuracies, losses, histories, rows = [], [], [], [], []
     configure_threads(cfg.threads)
 
     import mlflow
 
     with tracked_run(cfg, "crossval", dataset_sha, prepared_dir) as run:
-        for k, (train_idx, val_idx) in enumerate(folds, start=1):
-            new_session(cfg.seed + k, cfg.deterministic)
+        for repeat, k, train_idx, val_idx in folds:
+            # Repeat 1's fold k keeps the unrepeated run's seed; later repeats get their own.
+            new_session(cfg.seed + (repeat - 1) * cfg.folds + k, cfg.deterministic)
             network = build_model(
                 **asdict(cfg.model),
                 width=cfg.width,
                 input_dim=data.x.shape[1],
                 image_shape=data.image_shape,
             )
-            with child_run(f"fold {k}", {"stage": "crossval-fold", "fold": str(k)}):
+            name = f"fold {k}" if repeats == 1 else f"repeat {repeat} fold {k}"
+            tags = {"stage": "crossval-fold", "fold": str(k), "repeat": str(repeat)}
+            with child_run(name, tags):
                 history = fit(
                     network,
                     data.x[train_idx],
@@ -82,23 +88,25 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
                 # Keras scored the fold with the final weights at the end of the last epoch.
                 loss, accuracy = history["val_loss"][-1], history["val_accuracy"][-1]
                 mlflow.log_metrics({"fold_accuracy": accuracy, "fold_loss": loss})
-            log.info("fold %d/%d: accuracy %.4f", k, cfg.folds, accuracy)
+            log.info("%s/%d: accuracy %.4f", name, cfg.folds, accuracy)
+            # fold1.. as before; repeat2_fold1.. when repeated
+            names.append(f"fold{k}" if repeats == 1 else f"repeat{repeat}_fold{k}")
             accuracies.append(float(accuracy))
             losses.append(float(loss))
             histories.append(history)
-            rows.extend(history_rows(history, fold=k))
+            rows.extend(history_rows(history, repeat=repeat, fold=k))
 
         metrics = {
             "accuracy_mean": float(np.mean(accuracies)),
             "accuracy_std": sample_std(accuracies),
             "loss_mean": float(np.mean(losses)),
             "loss_std": sample_std(losses),
-            "fold_accuracy": {f"fold{k}": a for k, a in enumerate(accuracies, start=1)},
+            "fold_accuracy": dict(zip(names, accuracies, strict=True)),
         }
         plots_dir = out_root / paths.PLOTS_DIR / "crossval"
         write_csv(plots_dir / "history.csv", rows)
         history_curves(histories, plots_dir / "curves.png")
-        fold_boxplot(accuracies, plots_dir / "boxplot.png")
+        fold_boxplot(accuracies, plots_dir / "boxplot.png", repeats=repeats)
         write_json(out_root / paths.METRICS_DIR / "crossval.json", metrics)
 
         with store_errors(cfg, f"{out_root / paths.METRICS_DIR / 'crossval.json'}, {plots_dir}"):
@@ -106,10 +114,11 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
         write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, cfg, dataset_sha))
     log.info(
-        "%d-fold accuracy %.4f ± %.4f; MLflow run %s",
+        "%d-fold accuracy %.4f ± %.4f%s; MLflow run %s",
         cfg.folds,
         metrics["accuracy_mean"],
         metrics["accuracy_std"],
+        f" over {repeats} repeats" if repeats > 1 else "",
         run_link(run, cfg),
     )
     return metrics

@@ -210,6 +210,35 @@ def test_stratified_folds_keep_the_class_proportions(train_labels):
     assert (np.ptp(np.array(counts), axis=0) <= 1).all()
 
 
+@pytest.mark.parametrize("stratified", [False, True])
+def test_repeated_folds_are_new_assignments_and_repeat_1_is_the_unrepeated_one(
+    train_labels, stratified
+):
+    from pipeline.core.folds import fold_indices, repeated_fold_indices
+
+    split = {"folds": FOLDS, "seed": 42, "shuffle": True, "stratified": stratified}
+    repeated = repeated_fold_indices(train_labels, repeats=2, **split)
+    assert [(r, k) for r, k, _, _ in repeated] == [(r, k) for r in (1, 2) for k in (1, 2, 3)]
+    for repeat in (1, 2):  # each repeat is a partition of the training set
+        held_out = [val for r, _, _, val in repeated if r == repeat]
+        assert sorted(np.concatenate(held_out).tolist()) == list(range(len(train_labels)))
+    once = fold_indices(train_labels, **split)
+    assert all(np.array_equal(v, o[1]) for (_, _, _, v), o in zip(repeated[:3], once, strict=True))
+    assert not all(
+        np.array_equal(a[3], b[3]) for a, b in zip(repeated[:3], repeated[3:], strict=True)
+    )
+
+
+def test_repeats_need_shuffled_folds():
+    from pipeline.infra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"crossval.repeats=2 .*crossval.shuffle=true"):
+        settings("crossval.repeats=2", "crossval.shuffle=false")
+    with pytest.raises(ConfigError, match=r"crossval\.repeats=0"):
+        settings("crossval.repeats=0")
+    assert settings("crossval.repeats=3").crossval.repeats == 3
+
+
 def test_shuffled_folds_depend_on_the_seed(train_labels):
     from pipeline.core.folds import fold_indices
 

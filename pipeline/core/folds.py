@@ -32,3 +32,23 @@ def fold_indices(
     splitter_class = StratifiedKFold if stratified else KFold
     splitter = splitter_class(folds, shuffle=shuffle, random_state=seed if shuffle else None)
     return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def repeated_fold_indices(
+    labels: np.ndarray, *, folds: int, repeats: int, seed: int, shuffle: bool, stratified: bool
+) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(repeat, fold, train, validation) for `repeats` fold assignments (both numbered from 1),
+    each a partition as fold_indices'. scikit-learn's RepeatedKFold / RepeatedStratifiedKFold,
+    seeded with `seed`: repeat 1 is fold_indices' assignment, later repeats reshuffle. Repeats
+    need `shuffle` (ValueError otherwise: they would all be the same folds)."""
+    from sklearn.model_selection import RepeatedKFold, RepeatedStratifiedKFold
+
+    once = fold_indices(labels, folds=folds, seed=seed, shuffle=shuffle, stratified=stratified)
+    if repeats == 1:
+        return [(1, k, train, val) for k, (train, val) in enumerate(once, start=1)]
+    if not shuffle:
+        raise ValueError("repeated k-fold needs shuffle=True: unshuffled repeats are equal")
+    splitter_class = RepeatedStratifiedKFold if stratified else RepeatedKFold
+    splitter = splitter_class(n_splits=folds, n_repeats=repeats, random_state=seed)
+    splits = splitter.split(np.zeros(len(labels)), labels)
+    return [(i // folds + 1, i % folds + 1, train, val) for i, (train, val) in enumerate(splits)]

@@ -58,11 +58,12 @@ def history_curves(histories: Sequence[Mapping[str, Sequence[float]]], path: Pat
     save_figure(fig, path)
 
 
-def fold_boxplot(accuracies: Sequence[float], path: Path) -> None:
-    """Box-and-whisker plot of the per-fold accuracies."""
+def fold_boxplot(accuracies: Sequence[float], path: Path, repeats: int = 1) -> None:
+    """Box-and-whisker plot of the per-fold accuracies (of all `repeats` x folds fold runs)."""
     fig, ax = plt.subplots(figsize=(4, 5))
     ax.boxplot(accuracies)
-    ax.set_xticks([1], [f"{len(accuracies)} folds"])
+    folds = len(accuracies) // repeats
+    ax.set_xticks([1], [f"{folds} folds" if repeats == 1 else f"{repeats} x {folds} folds"])
     ax.set_ylabel("accuracy")
     ax.set_title("Cross-validation accuracy")
     save_figure(fig, path)

@@ -125,6 +125,16 @@ class TrackingConfig:
 class CrossvalConfig:
     shuffle: bool = True
     stratified: bool = False
+    repeats: int = 1  # repeated k-fold: this many fold assignments, repeats x folds fold runs
+
+    def __post_init__(self) -> None:
+        _require(self.repeats >= 1, "crossval.repeats", self.repeats, ">= 1")
+        _require(
+            self.shuffle or self.repeats == 1,
+            "crossval.repeats",
+            self.repeats,
+            "1 unless crossval.shuffle=true (unshuffled repeats are the same folds)",
+        )
 
 
 @dataclass
