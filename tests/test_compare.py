@@ -530,8 +530,10 @@ def test_comparison_is_logged_as_an_mlflow_run(sweep: Sweep, tmp_path: Path):
     run = client.get_run(sweep.compare_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "compare"
-    assert run.data.tags["sweep"] == sweep.sweep
-    assert run.info.experiment_id == sweep.parents["best"].info.experiment_id
+    # Kept apart from the runs it compares: its own experiment, and no `sweep` tag.
+    assert run.data.tags["compare.sweep"] == sweep.sweep and "sweep" not in run.data.tags
+    compared = client.get_experiment(sweep.parents["best"].info.experiment_id).name
+    assert client.get_experiment(run.info.experiment_id).name == f"{compared}-comparisons"
     listed = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert listed == {"compare.md", "compare.html", "compare.json"}
     path = client.download_artifacts(run.info.run_id, "compare.json", str(tmp_path))

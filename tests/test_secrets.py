@@ -359,8 +359,9 @@ def test_no_param_tag_or_run_name_in_the_store_holds_the_password(
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SENTINEL)
     client = mlflow.MlflowClient(tracking_uri=url, registry_uri=url)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    found = client.search_runs([experiment.experiment_id], max_results=1000)
+    ids = [client.get_experiment_by_name(name).experiment_id
+           for name in (EXPERIMENT, f"{EXPERIMENT}-comparisons")]  # fmt: skip
+    found = client.search_runs(ids, max_results=1000)
     stages = sorted(r.data.tags.get("stage", "") for r in found)
     assert stages.count("train") == 1 and stages.count("compare") == 1, stages
     assert stages.count("crossval") == 3 and stages.count("crossval-fold") == 6, stages

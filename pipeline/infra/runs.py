@@ -22,7 +22,7 @@ from pipeline.core.comparison import (
 )
 from pipeline.infra.errors import first_line, interrupt_in
 from pipeline.infra.reconcile import process_tags
-from pipeline.infra.tracking import _git_commit, check_store, store_uri
+from pipeline.infra.tracking import _git_commit, check_store, comparisons_experiment, store_uri
 
 CROSSVAL, FOLD_STAGE, COMPARE, TRAIN = "crossval", "crossval-fold", "compare", "train"
 PREDICTIONS = "plots/predictions.csv"  # train's test-set predictions, as it logs them
@@ -297,6 +297,7 @@ def _logged_run(
 
 
 def _new_run(client: Any, experiment_id: str, name: str, tags: dict[str, str], log: Any) -> str:
+    experiment_id = comparisons_experiment(client, experiment_id)
     tags = {"stage": COMPARE, **tags, **process_tags()}
     if commit := _git_commit():
         tags["git_commit"] = commit
@@ -314,11 +315,12 @@ def _new_run(client: Any, experiment_id: str, name: str, tags: dict[str, str], l
 
 
 def log_comparison(client: Any, comparison: Comparison, files: Sequence[Path]) -> str:
-    """Log the comparison as a new MLflow run (stage=compare, the sweep tag) in the best
-    config's experiment; returns its run id (see _logged_run for failures)."""
+    """Log the comparison as a new MLflow run (stage=compare, compare.sweep) in the best
+    config's comparisons experiment (tracking.comparisons_experiment); returns its run id (see
+    _logged_run for failures)."""
     tags = {"compare.source": comparison.source}
-    if comparison.sweep:
-        tags["sweep"] = comparison.sweep
+    if comparison.sweep:  # not `sweep`: a filter on the sweep shows its own runs only
+        tags["compare.sweep"] = comparison.sweep
 
     def log(run_id: str) -> None:
         client.log_param(run_id, "alpha", comparison.alpha)
@@ -338,7 +340,7 @@ def log_comparison(client: Any, comparison: Comparison, files: Sequence[Path]) -
 
 def log_pair_comparison(client: Any, pair: PairComparison, files: Sequence[Path]) -> str:
     """Log McNemar's comparison of two train runs as a new MLflow run (stage=compare, tagged
-    with both run ids) in the first run's experiment; returns its run id."""
+    with both run ids) in the first run's comparisons experiment; returns its run id."""
     tags = {"compare.source": pair.source, "compare.runs": f"{pair.a.run_id} {pair.b.run_id}"}
 
     def log(run_id: str) -> None:

@@ -298,6 +298,17 @@ def ui_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     return redact(f"{base}{page}?workflowType=machine_learning")
 
 
+def comparisons_experiment(client: Any, experiment_id: str) -> str:
+    """The id of the experiment `pipeline.compare` logs to for runs of `experiment_id`'s:
+    "<its name>-comparisons", created (as model training, artifacts beside the store) when
+    missing, so a comparison never sits among the runs it compares."""
+    name = client.get_experiment(experiment_id).name + "-comparisons"
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        found = _create_experiment(client, name, _artifact_location(client.tracking_uri, name))
+    return found.experiment_id
+
+
 def _create_experiment(client: Any, experiment: str, location: str | None) -> Any:
     """Create the experiment, or take the one a parallel job created a moment earlier: on a
     tracking server no file lock orders the jobs, so on a fresh server the jobs of a sweep race
