@@ -84,6 +84,67 @@ def temp_files(root: Path) -> list[Path]:
     return sorted(root.rglob(".*.tmp*"))
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount(8)'s size=, e.g. "4m") mounted at `path` for the block: a real
+    disk that fills up (fill). Skips the test where it cannot be mounted (only root can)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full disk is a tmpfs here, and only root can mount one")
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {path}: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """`folder` read-only for the block, even to root (a read-only bind mount of itself): what a
+    read-only disk does. Skips the test where it cannot be mounted (only root can)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a read-only folder for root is a bind mount here, and only root can mount")
+    folder.mkdir(parents=True, exist_ok=True)
+    for options in (["--bind"], ["-o", "remount,bind,ro"]):
+        mounted = subprocess.run(
+            ["mount", *options, str(folder), str(folder)], capture_output=True, text=True
+        )
+        if mounted.returncode != 0:
+            subprocess.run(["umount", str(folder)], capture_output=True, check=False)
+            pytest.skip(f"cannot bind-mount {folder} read-only: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the file system of `disk` with one file until about `leave` bytes are free (rounded
+    to its blocks); delete the returned file to free the space again."""
+    stat = os.statvfs(disk)
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    return filler
+
+
+def files_under(root: Path, *outputs: str) -> dict[str, bytes]:
+    """Every file of `outputs` (files or folders, relative to root) -> its bytes."""
+    found = {}
+    for output in outputs:
+        path = root / output
+        for file in [path] if path.is_file() else sorted(path.rglob("*")):
+            if file.is_file():
+                found[file.relative_to(root).as_posix()] = file.read_bytes()
+    return found
+
+
 def names_key(message: str, key: str) -> bool:
     """True if `message` contains the full dotted `key` as a token (not just its last part)."""
     return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) is not None

@@ -436,3 +436,14 @@ def test_bad_override_is_rejected_without_writing(conf_copy: Path) -> None:
     with pytest.raises(HydraException):
         pipeline.params.main(["dataset=no_such_dataset"])
     assert (conf_copy / "params.yaml").read_bytes() == before
+
+
+def test_train_and_crossval_replace_every_output_dvc_tracks() -> None:
+    """The set each stage replaces at once (files.replaced_together) is dvc.yaml's outs and
+    metrics: an output left out would be replaced on its own, or not at all."""
+    from pipeline.infra import paths
+
+    stages = _stages()
+    for name, outputs in (("train", paths.TRAIN_OUTPUTS), ("crossval", paths.CROSSVAL_OUTPUTS)):
+        tracked = [*stages[name]["outs"], *stages[name]["metrics"]]
+        assert sorted(o.as_posix() for o in outputs) == sorted(tracked), name

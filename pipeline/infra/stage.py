@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from pipeline.infra.config import Config, validate
 from pipeline.infra.credentials import redact, redact_log_records
 from pipeline.infra.errors import ConfigError, DataError, PipelineError, interrupt_in
-from pipeline.infra.files import read_json
+from pipeline.infra.files import forget_outcome, outcome, read_json
 from pipeline.infra.reconcile import remove_stale_temp_files
 
 T = TypeVar("T")
@@ -125,16 +125,19 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
         _refuse_chdir()
         settings = validate(cfg)
         remove_stale_temp_files(output_root())  # left by writers killed with kill -9
+        forget_outcome()
         with sigterm_as_interrupt():
             return stage(settings)
     except PipelineError as err:
-        _fail(f"error: {err}")
+        # Which set of outputs is in place, if the stage began replacing them (files.outcome).
+        _fail(f"error: {err}" + (f"; {kept}" if (kept := outcome()) else ""))
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
+        kept = outcome() or "nothing partial was kept"
         _fail(
-            f"error: no space left on the device ({err}). Nothing partial was kept: free some "
-            "space and run the stage again."
+            f"error: no space left on the device ({err}); {kept}: free some space and run the "
+            "stage again."
         )
     except KeyboardInterrupt as err:
         _exit_interrupted(err)
@@ -145,8 +148,6 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
 
 
 def _exit_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
-    print(
-        f"interrupted ({str(interrupt) or 'Ctrl-C'}); no partial outputs were kept",
-        file=sys.stderr,
-    )
+    kept = outcome() or "no partial outputs were kept"
+    print(f"interrupted ({str(interrupt) or 'Ctrl-C'}); {kept}", file=sys.stderr)
     sys.exit(143 if isinstance(interrupt, Terminated) else 130)
