@@ -1,4 +1,4 @@
-"""A stage's outputs are replaced as one set (issue #16).
+"""A stage's outputs are replaced as one set, and a new MLflow store appears whole (issue #16).
 
 Everything is real: a full disk is a tmpfs filled with a file, a failing output folder is a
 read-only bind mount, a kill is SIGKILL, stores are real sqlite files migrated by MLflow. The
@@ -28,11 +28,12 @@ from run_helpers import (
     read_only,
     render,
     run_module,
+    sqlite_uri,
     temp_files,
     tmpfs,
 )
 
-from pipeline.infra.errors import ModelError
+from pipeline.infra.errors import ModelError, TrackingError
 from pipeline.infra.files import file_sha256, read_json, staging_folders, write_json
 
 TRAIN_OUTPUTS = ("models/model.keras", "plots/train", "runs/train.json", "metrics/train.json")
@@ -194,3 +195,58 @@ def test_predict_and_registry_refuse_a_model_of_another_run(
 
     assert registry.main(["--tracking-uri", new_store(tmp_path_factory, tmp_path)]) == 1
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+# =========================================================================== the store
+
+
+def test_a_store_created_on_a_full_disk_is_usable_once_space_is_freed(tmp_path):
+    """A fully migrated store is ~1 MB: on a disk with 256 kB free its creation fails in one
+    line and leaves nothing at mlflow.db (the old code left it half migrated, and every later
+    start failed with "table ... already exists"); with the space freed, it is created."""
+    from pipeline.infra.tracking import _open_store
+
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        db = disk / "mlflow.db"
+        filler = fill(disk, leave=256 * 1024)
+        with pytest.raises(TrackingError) as raised:
+            _open_store(sqlite_uri(db), "full-disk")
+        message = str(raised.value)
+        assert message.startswith(f"cannot create MLflow store {sqlite_uri(db)}"), message
+        assert "full" in message and "\n" not in message
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "mlflow.db.lock"]
+
+        filler.unlink()
+        experiment = _open_store(sqlite_uri(db), "full-disk")
+        import mlflow
+
+        client = mlflow.MlflowClient(sqlite_uri(db))
+        run = client.create_run(experiment)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        assert sorted(p.name for p in disk.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
+def test_a_half_migrated_store_is_named_with_its_fix(tmp_path):
+    """The store an older version (or `mlflow` itself) left half migrated on a full disk: one
+    line naming the file and what to do, instead of "table ... already exists"."""
+    from pipeline.infra.tracking import _open_store
+
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        db = disk / "mlflow.db"
+        filler = fill(disk, leave=256 * 1024)
+        made = subprocess.run(
+            [sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({sqlite_uri(db)!r})"
+             ".search_experiments()"],
+            env=cli_env(), capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert made.returncode == 1 and "full" in made.stderr, made.stderr
+        filler.unlink()
+        shutil.copyfile(db, tmp_path / "mlflow.db")
+    db = tmp_path / "mlflow.db"
+
+    with pytest.raises(TrackingError) as raised:
+        _open_store(sqlite_uri(db), "half-migrated")
+    message = str(raised.value)
+    assert message.startswith(f"MLflow store {db} was not completely created"), message
+    assert f"Fix: delete {db}" in message and "\n" not in message
