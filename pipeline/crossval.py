@@ -22,7 +22,7 @@ from pipeline.core.folds import repeated_fold_indices
 from pipeline.core.stats import sample_std
 from pipeline.infra import paths
 from pipeline.infra.config import Config
-from pipeline.infra.files import read_json, write_csv, write_json
+from pipeline.infra.files import read_json, replaced_together, write_csv, write_json
 from pipeline.infra.stage import check_prepared_dataset, output_root, run_main, run_stage
 
 log = logging.getLogger(__name__)
@@ -103,16 +103,18 @@ def crossval(cfg: Config, prepared_dir: Path, out_root: Path) -> dict:
             "loss_std": sample_std(losses),
             "fold_accuracy": dict(zip(names, accuracies, strict=True)),
         }
+        with replaced_together(out_root, paths.CROSSVAL_OUTPUTS) as staged:  # as one set
+            staged_plots = staged / paths.PLOTS_DIR / "crossval"
+            write_csv(staged_plots / "history.csv", rows)
+            history_curves(histories, staged_plots / "curves.png")
+            fold_boxplot(accuracies, staged_plots / "boxplot.png", repeats=repeats)
+            write_json(staged / paths.METRICS_DIR / "crossval.json", metrics)
+            write_json(staged / paths.RUNS_DIR / "crossval.json", run_record(run, cfg, dataset_sha))
         plots_dir = out_root / paths.PLOTS_DIR / "crossval"
-        write_csv(plots_dir / "history.csv", rows)
-        history_curves(histories, plots_dir / "curves.png")
-        fold_boxplot(accuracies, plots_dir / "boxplot.png", repeats=repeats)
-        write_json(out_root / paths.METRICS_DIR / "crossval.json", metrics)
 
         with store_errors(cfg, f"{out_root / paths.METRICS_DIR / 'crossval.json'}, {plots_dir}"):
             mlflow.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
             mlflow.log_artifacts(str(plots_dir), artifact_path="plots")
-        write_json(out_root / paths.RUNS_DIR / "crossval.json", run_record(run, cfg, dataset_sha))
     log.info(
         "%d-fold accuracy %.4f ± %.4f%s; MLflow run %s",
         cfg.folds,

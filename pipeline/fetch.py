@@ -14,7 +14,7 @@ from pipeline.infra import paths
 from pipeline.infra.config import Config, DatasetConfig, IdxPair
 from pipeline.infra.download import fetch_file
 from pipeline.infra.errors import DataError
-from pipeline.infra.files import atomic_path
+from pipeline.infra.files import atomic_path, replaced_together
 from pipeline.infra.stage import run_main, run_stage
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,13 @@ def export_digits(
         test.images: x_test,
         test.labels: y_test,
     }
-    written = []
-    for name, array in arrays.items():
-        with atomic_path(dest / name) as tmp:
-            write_idx(tmp, array)
-        written.append(dest / name)
+    # The four files depend on the split: replaced as one set, never two splits' files mixed
+    # (the IDX files of a download are each checked against a fixed SHA-256 instead).
+    with replaced_together(dest.parent, [Path(dest.name)]) as staged:
+        for name, array in arrays.items():
+            with atomic_path(staged / dest.name / name) as tmp:
+                write_idx(tmp, array)
+    written = [dest / name for name in arrays]
     log.info("digits: wrote %d train / %d test images to %s", len(y_train), len(y_test), dest)
     return written
 

@@ -50,7 +50,13 @@ from pipeline.core.images import (
     to_model_input,
 )
 from pipeline.infra.errors import InputError
-from pipeline.infra.model_loading import DEFAULT_MODEL, Model, check_model_exists, load_model
+from pipeline.infra.model_loading import (
+    DEFAULT_MODEL,
+    Model,
+    check_model_exists,
+    check_recorded_model,
+    load_model,
+)
 from pipeline.infra.stage import run_command
 
 
@@ -167,6 +173,8 @@ def predict_files(
     `trust_model` admits models whose loading runs code from the artifact, model_loading's
     `trust`). Raises ModelError or TrackingError for the model, never for an image."""
     check_model_exists(model, tracking_uri)
+    if Path(model) == DEFAULT_MODEL:  # train's, of the run in runs/train.json
+        check_recorded_model()
     items = image_files(inputs)
     located = [item if isinstance(item, Failure) else _located(item) for item in items]
     usable = [i for i, entry in enumerate(located) if not isinstance(entry, Failure)]

@@ -19,7 +19,7 @@ from pipeline.core.idx import read_split
 from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.errors import DataError
-from pipeline.infra.files import write_json
+from pipeline.infra.files import replaced_together, write_json
 from pipeline.infra.stage import run_main, run_stage
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ def preprocess(
             f"train images are {train_images.shape[1:]} but test images {test_images.shape[1:]}"
         )
     train, test = to_split(train_images, train_labels), to_split(test_images, test_labels)
-    save_split(train, out_dir / "train.npz")
-    save_split(test, out_dir / "test.npz")
     summary = {
         "dataset": dataset,
         "image_shape": list(train.image_shape),
@@ -63,8 +61,12 @@ def preprocess(
         "x_range": [float(train.x.min(initial=0)), float(train.x.max(initial=0))],
         "sha256": hashlib.sha256((train_sha + test_sha).encode()).hexdigest(),
     }
-    write_json(out_dir / "summary.json", summary)
-    sample_grid(train_images, train_labels, out_dir / "samples.png")
+    # The four files replace the previous out_dir as one set (files.replaced_together).
+    with replaced_together(out_dir.parent, [Path(out_dir.name)]) as staged:
+        save_split(train, staged / out_dir.name / "train.npz")
+        save_split(test, staged / out_dir.name / "test.npz")
+        write_json(staged / out_dir.name / "summary.json", summary)
+        sample_grid(train_images, train_labels, staged / out_dir.name / "samples.png")
     log.info(
         "prepared %s: %d train, %d test images of %s",
         dataset,

@@ -18,10 +18,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.infra import paths
 from pipeline.infra.credentials import redact
 from pipeline.infra.errors import PipelineError, TrackingError, first_line
 from pipeline.infra.files import read_json
+from pipeline.infra.model_loading import TRAIN_RECORD, check_recorded_model
 from pipeline.infra.stage import run_command
 from pipeline.infra.tracking import (
     NO_STORE_FIX,
@@ -33,7 +33,6 @@ from pipeline.infra.tracking import (
 
 DEFAULT_NAME = "digit-classifier"
 DEFAULT_ALIAS = "champion"
-TRAIN_RECORD = paths.RUNS_DIR / "train.json"
 
 
 @dataclass(frozen=True)
@@ -120,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     def register_and_print() -> None:
         model_uri, tracking_uri = args.model_uri, args.tracking_uri
         if model_uri is None:
+            check_recorded_model()  # the run's model is the one predict uses
             model_uri, recorded_uri = recorded_run()
             tracking_uri = tracking_uri or recorded_store(recorded_uri, store_uri())
         registered = register(model_uri, args.name, args.alias, tracking_uri)

@@ -22,7 +22,7 @@ from pipeline.infra import paths
 from pipeline.infra.config import Config
 from pipeline.infra.credentials import redact
 from pipeline.infra.errors import DataError
-from pipeline.infra.files import atomic_path, read_json
+from pipeline.infra.files import atomic_path, read_json, replaced_together
 from pipeline.infra.render import Code, Headline, Image, Section, Table, Text, document
 from pipeline.infra.stage import check_prepared_dataset, run_main, run_stage
 
@@ -281,7 +281,10 @@ def report(root: Path, out_dir: Path, tracking_uri: str | None = None) -> Path:
 
     inputs = read_inputs(root)
     store = recorded_store(inputs.train_run["tracking_uri"], store_uri(tracking_uri))
-    html_path, md_path = build_report(inputs, out_dir)
+    # The figures and pages replace the previous out_dir as one set (the page embeds them).
+    with replaced_together(out_dir.parent, [Path(out_dir.name)]) as staged:
+        build_report(inputs, staged / out_dir.name)
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     log_again = (
         "re-run the report (`dvc repro` or `python -m pipeline.report`) to log the saved "
         f"{html_path} and {md_path}"

@@ -20,7 +20,14 @@ from omegaconf import DictConfig
 from pipeline.core.data import load_split
 from pipeline.infra import paths
 from pipeline.infra.config import Config
-from pipeline.infra.files import atomic_path, read_json, write_csv, write_json
+from pipeline.infra.files import (
+    atomic_path,
+    file_sha256,
+    read_json,
+    replaced_together,
+    write_csv,
+    write_json,
+)
 from pipeline.infra.stage import check_prepared_dataset, output_root, run_main, run_stage
 
 log = logging.getLogger(__name__)
@@ -84,20 +91,32 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
         # record and MLflow keep it.
         timing = {"fit_seconds": fit_seconds, "seconds_per_epoch": fit_seconds / cfg.epochs}
 
+        # Every output is written aside, then all replace the previous ones at once; the run
+        # record names the model by its SHA-256, which predict and registry check.
+        with replaced_together(out_root, paths.TRAIN_OUTPUTS) as staged:
+            with atomic_path(staged / paths.MODELS_DIR / "model.keras") as tmp:
+                network.save(tmp)
+            staged_plots = staged / paths.PLOTS_DIR / "train"
+            write_csv(staged_plots / "history.csv", history_rows(history))
+            history_curves([history], staged_plots / "history.png")
+            write_csv(
+                staged_plots / "predictions.csv",
+                [
+                    {"actual": int(a), "predicted": int(p)}
+                    for a, p in zip(test_split.labels, predicted, strict=True)
+                ],
+            )
+            write_json(staged / paths.METRICS_DIR / "train.json", metrics)
+            write_json(
+                staged / paths.RUNS_DIR / "train.json",
+                {
+                    **run_record(run, cfg, dataset_sha),
+                    "model_sha256": file_sha256(staged / paths.MODELS_DIR / "model.keras"),
+                    "timing": timing,
+                },
+            )
         model_path = out_root / paths.MODELS_DIR / "model.keras"
-        with atomic_path(model_path) as tmp:
-            network.save(tmp)
         plots_dir = out_root / paths.PLOTS_DIR / "train"
-        write_csv(plots_dir / "history.csv", history_rows(history))
-        history_curves([history], plots_dir / "history.png")
-        write_csv(
-            plots_dir / "predictions.csv",
-            [
-                {"actual": int(a), "predicted": int(p)}
-                for a, p in zip(test_split.labels, predicted, strict=True)
-            ],
-        )
-        write_json(out_root / paths.METRICS_DIR / "train.json", metrics)
 
         with store_errors(cfg, f"{model_path}, {out_root / paths.METRICS_DIR / 'train.json'}"):
             mlflow.log_metrics({k: v for k, v in metrics.items() if k.startswith("test_")})
@@ -113,8 +132,6 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
                     input_example=sample,
                     pip_requirements=model_requirements(),
                 )
-        record = {**run_record(run, cfg, dataset_sha), "timing": timing}
-        write_json(out_root / paths.RUNS_DIR / "train.json", record)
     log.info(
         "test accuracy %.4f, loss %.4f (%.1f s); MLflow run %s",
         metrics["test_accuracy"],

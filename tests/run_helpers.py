@@ -87,6 +87,26 @@ def temp_files(root: Path) -> list[Path]:
     return sorted(root.rglob(".*.tmp*"))
 
 
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the file system of `disk` with one file until about `leave` bytes are free (rounded
+    to its blocks); delete the returned file to free the space again."""
+    stat = os.statvfs(disk)
+    filler = disk / "filler"
+    filler.write_bytes(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    return filler
+
+
+def files_under(root: Path, *outputs: str) -> dict[str, bytes]:
+    """Every file of `outputs` (files or folders, relative to root) -> its bytes."""
+    found = {}
+    for output in outputs:
+        path = root / output
+        for file in [path] if path.is_file() else sorted(path.rglob("*")):
+            if file.is_file():
+                found[file.relative_to(root).as_posix()] = file.read_bytes()
+    return found
+
+
 def names_key(message: str, key: str) -> bool:
     """True if `message` contains the full dotted `key` as a token (not just its last part)."""
     return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", message) is not None
@@ -523,6 +543,7 @@ def _unmount(path: Path) -> None:
 def read_only(path: Path) -> Iterator[Path]:
     """`path` (a directory) read-only for the block, to root too: a read-only bind mount of it
     onto itself (EROFS for every write below it), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
     _mount("--bind", str(path), str(path))
     try:
         _mount("-o", "remount,bind,ro", str(path))

@@ -539,3 +539,14 @@ def test_validate_writes_the_same_stamp_for_every_valid_params_yaml(conf_copy: P
     params.write_text(params.read_text(encoding="utf-8").replace("epochs: 2", "epochs: -1"))
     assert pipeline.params.main(["--validate"]) == 1
     assert not stamp.exists()
+
+
+def test_train_and_crossval_replace_every_output_dvc_tracks() -> None:
+    """The set each stage replaces at once (files.replaced_together) is dvc.yaml's outs and
+    metrics: an output left out would be replaced on its own, or not at all."""
+    from pipeline.infra import paths
+
+    stages = _stages()
+    for name, outputs in (("train", paths.TRAIN_OUTPUTS), ("crossval", paths.CROSSVAL_OUTPUTS)):
+        tracked = [*stages[name]["outs"], *stages[name]["metrics"]]
+        assert sorted(o.as_posix() for o in outputs) == sorted(tracked), name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import csv
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from run_helpers import PROJECT_ROOT, REPORT_SECTIONS, new_store, run_module
+from run_helpers import (
+    PROJECT_ROOT,
+    REPORT_SECTIONS,
+    files_under,
+    fill,
+    full_disk,
+    new_store,
+    run_module,
+)
 
 from pipeline.core.data import NUM_CLASSES, save_split, to_split
 from pipeline.core.grids import sample_grid
@@ -27,7 +36,7 @@ from pipeline.core.plots import fold_boxplot, history_curves
 from pipeline.infra import paths
 from pipeline.infra.config import Config, ModelConfig
 from pipeline.infra.errors import DataError
-from pipeline.infra.files import read_json, write_json
+from pipeline.infra.files import read_json, staging_folders, write_json
 from pipeline.report import ReportInputs, build_report, read_inputs
 
 EMBEDDED = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
@@ -557,3 +566,33 @@ def test_report_to_an_unreachable_server_fails_within_seconds(
     assert time.monotonic() - started < 45  # the command's start-up included
     line = _saved_but_not_logged(done, stage_outputs)
     assert f"MLflow tracking server {uri} is unreachable" in line
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def test_disk_full_during_the_report_keeps_the_previous_report(
+    stage_outputs: Path, tmp_path: Path
+) -> None:
+    """The disk fills after the two figures, before report.html (which embeds all six): the
+    previous reports/ stays whole (the old code left the new figures beside the old pages)."""
+    with full_disk(tmp_path / "disk", "2m") as disk:
+        root = disk / "project"
+        shutil.copytree(stage_outputs, root)
+        reports = root / paths.REPORTS_DIR
+        reports.mkdir()
+        for name in ("report.html", "report.md", "confusion.png", "misclassified.png"):
+            (reports / name).write_text(f"previous {name}", encoding="utf-8")
+        previous = files_under(root, "reports")
+        fill(disk, leave=64 * 1024)  # the figures (~30 kB) fit, report.html (~150 kB) does not
+        done = run_module(
+            "pipeline.report", "--config-dir", str(PROJECT_ROOT), "--config-name", "params",
+            "dataset.name=digits", f"hydra.run.dir={tmp_path / 'hydra'}", cwd=root, timeout=120,
+        )  # fmt: skip
+
+        assert done.returncode == 1, done.stdout + done.stderr
+        [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith("error: no space left on the device"), line
+        assert "the previous outputs (reports) are kept as they were" in line
+        assert files_under(root, "reports") == previous
+        assert staging_folders(root) == []

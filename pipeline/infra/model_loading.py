@@ -35,6 +35,7 @@ import numpy as np
 from pipeline.core.data import NUM_CLASSES
 from pipeline.infra import paths
 from pipeline.infra.errors import ModelError, first_line
+from pipeline.infra.files import file_sha256, read_json
 
 DEFAULT_MODEL = paths.MODELS_DIR / "model.keras"
 MODEL_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/..., models:/..., s3://...
@@ -338,3 +339,24 @@ def check_model_exists(model: str | Path, tracking_uri: str | None = None) -> No
         check_store(store_uri(tracking_uri), NO_STORE_FIX)
     elif not Path(text).exists():
         load_keras_file(Path(text))  # raises the missing-model error
+
+
+TRAIN_RECORD = paths.RUNS_DIR / "train.json"
+
+
+def check_recorded_model(model: Path = DEFAULT_MODEL, record: Path = TRAIN_RECORD) -> None:
+    """Refuse `model` (train's models/model.keras) when the run record beside it (runs/train.json)
+    names another model by its SHA-256 (model_sha256): the two then come from different runs
+    (e.g. one restored or copied without the other), and predict would use one model while
+    registry registers the other. Nothing to check without the model, the record, or a
+    model_sha256 in it (written by an older version). ModelError naming both and the fix."""
+    if not (model.is_file() and record.is_file()):
+        return
+    recorded = read_json(record).get("model_sha256")
+    if recorded is None or (found := file_sha256(model)) == recorded:
+        return
+    raise ModelError(
+        f"{model} is not the model of the run in {record} (sha256 {found[:16]}…, the run's "
+        f"{recorded[:16]}…): they come from different runs. Fix: train again (`dvc repro` or "
+        "`python -m pipeline.train`), or restore both of one run with `dvc checkout`"
+    )

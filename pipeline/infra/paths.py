@@ -20,3 +20,17 @@ COMPARE_DIR = Path("compare")  # pipeline.compare's tables (not a DVC output: ke
 # for an installed command (`digit-train`) is the package pipeline.train, not a file, and finds
 # no conf/ there.
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# train's and crossval's outputs, relative to the output root (dvc.yaml's outs and metrics;
+# tests/test_params.py checks it), each stage's replaced as one set (files.replaced_together).
+TRAIN_OUTPUTS = (
+    MODELS_DIR / "model.keras",
+    PLOTS_DIR / "train",
+    RUNS_DIR / "train.json",
+    METRICS_DIR / "train.json",
+)
+CROSSVAL_OUTPUTS = (
+    PLOTS_DIR / "crossval",
+    RUNS_DIR / "crossval.json",
+    METRICS_DIR / "crossval.json",
+)

@@ -31,7 +31,13 @@ from typing import Any
 from pipeline.infra import paths
 from pipeline.infra.credentials import redact
 from pipeline.infra.errors import first_line
-from pipeline.infra.files import read_json, temp_writer, write_json
+from pipeline.infra.files import (
+    finish_replacement,
+    read_json,
+    staging_folders,
+    temp_writer,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -374,21 +380,54 @@ OUTPUT_DIRS = (
 _SLACK_SECONDS = 2.0
 
 
+# Where replaced_together stages a set of outputs: the root (train, crossval, report), data/
+# (preprocess's data/prepared) and data/raw (fetch's data/raw/digits).
+STAGING_ROOTS = (Path("."), paths.PREPARED_DIR.parent, paths.RAW_DIR)
+
+
+def writer_gone(path: Path) -> bool:
+    """True if the process named in atomic_path's (or replaced_together's) temporary `path` no
+    longer runs, or runs a process that started after `path` was last written (pid reused);
+    False for a live writer and for names atomic_path did not make."""
+    if (pid := temp_writer(path.name)) is None:
+        return False
+    started = process_started_at(pid)
+    return started is None or started > path.stat().st_mtime + _SLACK_SECONDS
+
+
 def remove_stale_temp_files(root: Path) -> list[Path]:
-    """Remove the temporary files atomic_path's writers left under root/<each output folder>
-    when they died (kill -9): those whose writer pid (in the name) no longer runs, or runs a
-    process that started after the file was last written (the pid was reused). Files of a live
-    writer and names atomic_path did not make are kept. Returns the removed paths."""
+    """Repair what writers that died (kill -9) left under root: a set of outputs they were
+    replacing is completed or dropped (files.finish_replacement: all new or all old, one log line
+    saying which), and the temporary files under root/<each output folder> are removed; only
+    those of writers that are gone (writer_gone). Returns the removed temporary files."""
+    for staging in (s for folder in STAGING_ROOTS for s in staging_folders(root / folder)):
+        try:
+            if not writer_gone(staging):
+                continue
+            if finish_replacement(staging):
+                log.info(
+                    "completed the replacement of outputs that process %s began (now all "
+                    "new), left in %s",
+                    temp_writer(staging.name),
+                    staging,
+                )
+            else:
+                log.info(
+                    "dropped the unfinished outputs that process %s left in %s (the "
+                    "previous outputs are kept)",
+                    temp_writer(staging.name),
+                    staging,
+                )
+        except OSError as err:  # e.g. a read-only folder: the stage itself will say so
+            log.warning("could not repair %s: %s", staging, err)
     removed = []
     for path in (path for folder in OUTPUT_DIRS for path in (root / folder).rglob(".*.tmp*")):
-        if (pid := temp_writer(path.name)) is None:
-            continue
         try:
-            written = path.stat().st_mtime
-            started = process_started_at(pid)
-            if started is None or started > written + _SLACK_SECONDS:
+            if writer_gone(path):
                 path.unlink()
-                log.info("removed %s, left by process %d, which is gone", path, pid)
+                log.info(
+                    "removed %s, left by process %d, which is gone", path, temp_writer(path.name)
+                )
                 removed.append(path)
         except FileNotFoundError:  # its writer renamed it into place meanwhile
             continue

@@ -25,7 +25,7 @@ from pipeline.infra.errors import (
     filesystem_cause,
     interrupt_in,
 )
-from pipeline.infra.files import read_json
+from pipeline.infra.files import forget_outcome, outcome, read_json
 from pipeline.infra.reconcile import remove_stale_temp_files
 
 T = TypeVar("T")
@@ -242,10 +242,12 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
         settings = validate(cfg)
         _label_sweep_job_logs()
         remove_stale_temp_files(output_root())  # left by writers killed with kill -9
+        forget_outcome()
         with one_run_at_a_time(), sigterm_as_interrupt():
             return stage(settings)
     except PipelineError as err:
-        _fail(f"error: {err}")
+        # Which set of outputs is in place, if the stage began replacing them (files.outcome).
+        _fail(f"error: {err}" + (f"; {kept}" if (kept := outcome()) else ""))
     except KeyboardInterrupt as err:
         _exit_interrupted(err)
     except Exception as err:
@@ -255,17 +257,14 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
         # writes, or its MLflow store's (under MLflow's and SQLAlchemy's wrappers).
         if (cause := filesystem_cause(err)) is None:
             raise
-        _fail(
-            f"error: {cause.describe()}. Nothing partial was kept: {cause.fix} and run the stage "
-            "again."
-        )
+        kept = outcome() or "nothing partial was kept"
+        _fail(f"error: {cause.describe()}. {kept[0].upper()}{kept[1:]}: {cause.fix} and run the "
+              "stage again.")  # fmt: skip
 
 
 def _exit_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
-    print(
-        f"interrupted ({str(interrupt) or 'Ctrl-C'}); no partial outputs were kept",
-        file=sys.stderr,
-    )
+    kept = outcome() or "no partial outputs were kept"
+    print(f"interrupted ({str(interrupt) or 'Ctrl-C'}); {kept}", file=sys.stderr)
     sys.exit(143 if isinstance(interrupt, Terminated) else 130)
 
 

@@ -25,8 +25,9 @@ from pipeline.infra.errors import (
     first_line,
     interrupt_in,
 )
+from pipeline.infra.files import atomic_path
 from pipeline.infra.paths import PREPARED_DIR
-from pipeline.infra.reconcile import close_dead_runs, end_active_run, process_tags
+from pipeline.infra.reconcile import close_dead_runs, end_active_run, process_tags, writer_gone
 
 log = logging.getLogger(__name__)
 SQLITE_PREFIX = "sqlite:///"
@@ -258,12 +259,20 @@ def _open_store(uri: str, experiment: str) -> str:
     )
     try:
         with lock:
+            if uri.startswith(SQLITE_PREFIX):
+                _create_sqlite_store(Path(uri[len(SQLITE_PREFIX) :]))
             client = mlflow.MlflowClient(uri)
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 found = _create_experiment(client, experiment, _artifact_location(uri, experiment))
             _mark_model_training(client, found)
+    except PipelineError:
+        raise
     except Exception as err:  # mlflow raises many types for a bad store
+        if uri.startswith(SQLITE_PREFIX) and (
+            incomplete := _incomplete_store(Path(uri[len(SQLITE_PREFIX) :]))
+        ):
+            raise TrackingError(incomplete) from None
         raise TrackingError(f"cannot open MLflow store {uri}: {first_line(err)}") from None
     if found.lifecycle_stage == "deleted":
         raise TrackingError(
@@ -307,6 +316,74 @@ def comparisons_experiment(client: Any, experiment_id: str) -> str:
     if found is None:
         found = _create_experiment(client, name, _artifact_location(client.tracking_uri, name))
     return found.experiment_id
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create a missing (or empty) sqlite store aside, migrated to MLflow's schema, then move it
+    into place; call it under the store's lock. Its ~1 MB of migrations take seconds: a full
+    disk or a kill meanwhile leaves no half-migrated `db`, which every later start would fail on
+    ("table ... already exists"), only a temporary file, removed here once its writer is gone.
+    TrackingError naming the cause if it cannot be created."""
+    if db.is_file() and db.stat().st_size > 0:
+        return
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for left in db.parent.glob(f".{db.stem}.*.tmp{db.suffix}*"):  # with sqlite's -journal
+        with contextlib.suppress(OSError):
+            if writer_gone(left):
+                left.unlink()
+    try:
+        with atomic_path(db) as aside:
+            # MlflowClient's own default for the Default experiment's artifacts (./mlruns).
+            store = SqlAlchemyStore(
+                SQLITE_PREFIX + str(aside), DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+            )
+            store.engine.dispose()  # closed before the file is moved
+    except Exception as err:  # sqlalchemy and alembic raise many types
+        raise TrackingError(
+            f"cannot create MLflow store {SQLITE_PREFIX}{db}: {first_line(err)}. Nothing was "
+            f"left at {db}: free some space (or make {db.parent} writable) and run again"
+        ) from None
+
+
+def _incomplete_store(db: Path) -> str | None:
+    """Why the existing sqlite store `db` that MLflow failed to open is incompletely created
+    (no schema revision, or an earlier one of MLflow's own migrations than the latest: a
+    creation or upgrade stopped by a full disk or a kill), as the message naming the fix; None
+    when that is not the cause (a lock, a damaged or foreign file, a store of a newer MLflow:
+    MLflow's own error says it)."""
+    import sqlite3
+
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    if not db.is_file():
+        return None
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=0.1)
+        ) as c:
+            rows = c.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.OperationalError as err:
+        if "no such table" not in str(err):
+            return None  # e.g. locked
+        rows = []
+    except sqlite3.Error:
+        return None  # not a database
+    scripts = ScriptDirectory.from_config(_get_alembic_config(db_url=""))  # MLflow's migrations
+    latest = scripts.get_current_head()
+    if rows and (
+        rows[0][0] == latest or rows[0][0] not in {s.revision for s in scripts.walk_revisions()}
+    ):
+        return None  # complete, or made by a newer MLflow: MLflow's own error says so
+    found = f"revision {rows[0][0]}" if rows else "no revision"
+    return (
+        f"MLflow store {db} was not completely created (its schema has {found}, MLflow needs "
+        f"{latest}): a full disk or a kill while it was created or upgraded leaves it so. Fix: "
+        f"delete {db} if it holds no runs you need (the next run creates it anew), else "
+        "restore it from a backup"
+    )
 
 
 def _create_experiment(client: Any, experiment: str, location: str | None) -> Any:
