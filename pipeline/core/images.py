@@ -12,6 +12,7 @@ values for a side x side canvas.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,22 +106,33 @@ def read_grey(path: Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     Only FORMATS are tried, whatever the file's name. Raises InputError for an empty file, a file
     that is not an image in one of them, a damaged image, and an image over `max_megapixels`
     (checked from the header, before any pixels are decoded)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes), not an image")
+    return _decode(path, str(path), max_megapixels)
+
+
+def decode_grey(data: bytes, name: str, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+    """read_grey for an image's bytes (a served request's image), `name` naming it in errors."""
+    if not data:
+        raise InputError(f"{name}: empty (0 bytes), not an image")
+    return _decode(io.BytesIO(data), name, max_megapixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_megapixels: float) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     too_large = (
-        f"{path}: image too large (the limit is {max_megapixels:g} megapixels); downscale it first"
+        f"{name}: image too large (the limit is {max_megapixels:g} megapixels); downscale it first"
     )
     try:
         with warnings.catch_warnings():
             # Our own limit is lower than Pillow's warning threshold; the error is ours to raise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=list(FORMATS)) as image:
+            with Image.open(source, formats=list(FORMATS)) as image:
                 width, height = image.size
                 if width * height > max_megapixels * 1e6:
                     raise InputError(
-                        f"{path}: image too large ({width}x{height} = "
+                        f"{name}: image too large ({width}x{height} = "
                         f"{width * height / 1e6:.1f} megapixels, the limit is "
                         f"{max_megapixels:g}); downscale it first"
                     )
@@ -130,11 +142,11 @@ def read_grey(path: Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
         raise InputError(too_large) from None
     except UnidentifiedImageError:
         raise InputError(
-            f"{path}: not an image in a format predict reads ({', '.join(FORMATS)}); other "
+            f"{name}: not an image in a format predict reads ({', '.join(FORMATS)}); other "
             "formats are not opened"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # damaged/truncated images
-        raise InputError(f"{path}: cannot read the image: {err}") from None
+        raise InputError(f"{name}: cannot read the image: {err}") from None
 
 
 def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
