@@ -14,6 +14,16 @@ import numpy as np
 import pytest
 from run_helpers import STYLES, TrainedDigits, parse_json, render, run_predict
 
+from pipeline.core.renders import (
+    PAPER,
+    SHADE,
+    canvas_export,
+    digit_ink,
+    ink_on,
+    page,
+    save_grey,
+    tight_crop,
+)
 from pipeline.infra.errors import ModelError
 from pipeline.infra.model_loading import load_model
 
@@ -188,41 +198,8 @@ def test_a_model_that_does_not_take_one_square_image_is_named_without_none(
 
 # --------------------------------------------------------------------------- photos of paper
 
-PAPER, SHADE, PEN = 245.0, 190.0, 80.0  # grey levels: paper, its shaded side, a pen in a photo
 SHADOWED = 40  # test digits rendered per condition
 SHADOW_SLACK = 3  # of SHADOWED: shadowed paper may cost at most this many right answers
-
-
-def page(height: int, width: int, shade: float = SHADE, direction: int = 0) -> np.ndarray:
-    """A photographed page: PAPER on one side darkening linearly to `shade` on the other,
-    left to right (direction 0), top to bottom (1) or corner to corner (2)."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    across = [xs / (width - 1), ys / (height - 1), (xs / (width - 1) + ys / (height - 1)) / 2]
-    return PAPER + (shade - PAPER) * across[direction % 3]
-
-
-def ink_on(paper: np.ndarray, ink: np.ndarray, top: int, left: int) -> np.ndarray:
-    """`ink` (0 paper .. 1 full pen) laid on the page at (top, left), the pen darkening it."""
-    out = paper.copy()
-    h, w = ink.shape
-    region = out[top : top + h, left : left + w]
-    out[top : top + h, left : left + w] = region + (PEN - region) * ink
-    return out
-
-
-def save_grey(pixels: np.ndarray, path: Path) -> Path:
-    from PIL import Image
-
-    Image.fromarray(np.round(np.clip(pixels, 0, 255)).astype(np.uint8), mode="L").save(path)
-    return path
-
-
-def digit_ink(digit: np.ndarray, size: int) -> np.ndarray:
-    """An 8x8 test digit (light on dark, [0, 1]) scaled smoothly to size x size, in [0, 1]."""
-    from PIL import Image
-
-    image = Image.fromarray(np.round(digit * 255).astype(np.uint8), mode="L")
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
 
 
 def pen_seven(size: int, width: int = 5) -> np.ndarray:
@@ -300,19 +277,6 @@ def test_digits_on_shadowed_paper_are_recognised_as_on_even_paper(
 # --------------------------------------------------------------------------- transparency
 
 
-def canvas_export(ink: np.ndarray, path: Path, colour: tuple[int, int, int]) -> Path:
-    """A web canvas export: strokes of one colour, the drawing only in the alpha channel, on a
-    fully transparent (0, 0, 0, 0) background."""
-    from PIL import Image
-
-    alpha = np.round(ink * 255).astype(np.uint8)
-    rgba = np.zeros((*ink.shape, 4), dtype=np.uint8)
-    rgba[alpha > 0, :3] = colour
-    rgba[..., 3] = alpha
-    Image.fromarray(rgba, mode="RGBA").save(path)
-    return path
-
-
 @pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 0), (200, 30, 30)], ids=str)
 def test_a_canvas_export_is_read_from_its_alpha_whatever_the_stroke_colour(
     colour: tuple[int, int, int], trained_digits: TrainedDigits, tmp_path: Path
@@ -352,9 +316,7 @@ def test_a_digit_cut_by_one_edge_is_answered_with_a_warning(
     its JSON entry); a tight crop (the digit spanning the whole height) gets none."""
     ink = digit_ink(trained_digits.test_images[0], 56)
     cut = save_grey(ink_on(page(100, 130), ink, 20, 70)[:, :100], tmp_path / "cut.png")
-    rows, cols = np.flatnonzero((ink > 0.5).any(axis=1)), np.flatnonzero((ink > 0.5).any(axis=0))
-    inked = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # touching all four edges
-    tight = save_grey(255 - inked * 225, tmp_path / "tight.png")
+    tight = save_grey(tight_crop(ink, paper=255), tmp_path / "tight.png")  # touching all edges
     result = run_predict(str(cut), str(tight), "--model", str(trained_digits.model), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     cut_line, tight_line = result.stdout.splitlines()
