@@ -21,10 +21,11 @@ from pipeline.core.renders import (
     digit_ink,
     ink_on,
     page,
+    photo_noise,
     save_grey,
     tight_crop,
 )
-from pipeline.infra.errors import ModelError
+from pipeline.infra.errors import InputError, ModelError
 from pipeline.infra.model_loading import load_model
 
 # --------------------------------------------------------------------------- input layouts
@@ -243,6 +244,30 @@ def test_a_shadowed_page_is_cropped_to_the_digit_not_to_the_border(tmp_path: Pat
         assert abs(located.crop.shape[0] - expected[0]) <= 2, (name, located.crop.shape)
         assert abs(located.crop.shape[1] - expected[1]) <= 2, (name, located.crop.shape)
         assert located.warning is None, (name, located.warning)
+
+
+@pytest.mark.parametrize("sigma", [8.0, 20.0])
+def test_a_noisy_photo_is_cropped_to_the_digit_not_to_the_page(sigma: float, tmp_path: Path):
+    """Sensor noise of `sigma` grey levels on the page, saved as a JPEG (quality 75): the crop
+    is the pen's '7', as without noise (a noisy pixel passing as ink used to stretch the box to
+    the page's edges), and a blank noisy page is still no digit."""
+    from pipeline.core.images import locate_digit, read_grey
+
+    seven = pen_seven(60)
+    inked = seven > 0.5
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
+    expected = np.array([rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1])
+    rng = np.random.default_rng(0)
+    for name, paper in {"even": page(140, 200, PAPER), "shadowed": page(140, 200, SHADE)}.items():
+        pixels = photo_noise(ink_on(paper, seven, 40, 70), sigma, rng)
+        path = save_grey(pixels, tmp_path / f"{name}.jpg", quality=75)
+        located = locate_digit(read_grey(path), name)
+        shape = located.crop.shape
+        assert np.abs(np.array(shape) - expected).max() <= 3, (name, shape)
+        assert located.warning is None, (name, located.warning)
+    blank = save_grey(photo_noise(page(140, 200, PAPER), sigma, rng), tmp_path / "blank.jpg")
+    with pytest.raises(InputError, match="no digit found"):
+        locate_digit(read_grey(blank), "blank")
 
 
 def shadow_accuracy(trained: TrainedDigits, model, folder: Path, shade: float) -> int:

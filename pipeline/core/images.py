@@ -6,8 +6,9 @@ canvas).
 Any ordinary image works (PNG, JPEG, BMP, GIF, TIFF, WebP, PGM/PPM: FORMATS; any size; dark ink
 on light paper or light on dark; colour, grey, 16-bit, float, or transparent). A photo's paper
 may be unevenly lit: the background is a smooth surface fitted to the image's border, not one
-level. The result is grey, light digit on black, pixels in [0, 1], flattened: side*side float32
-values for a side x side canvas.
+level; a camera's noise is measured on that border and smoothed away before the digit is
+cropped. The result is grey, light digit on black, pixels in [0, 1], flattened: side*side
+float32 values for a side x side canvas.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ MIN_TRIM = 3.0
 # Of the ink's peak: pixels above BOX_LEVEL bound the digit; those below NOISE_LEVEL are zeroed.
 BOX_LEVEL = 0.15
 NOISE_LEVEL = 0.05
+# Noise: a pixel bounds the digit only above this many robust standard deviations of the paper's
+# noise (Gaussian: 3e-7 of paper pixels pass), and those within 3 of them are zeroed.
+NOISE_SIGMAS = 5.0
 # The cropped digit is kept at most this many pixels on its longer side until the model's canvas
 # size is known (far above any model's, so the final resize is unaffected in practice).
 CROP_CAP = 256
@@ -224,21 +228,48 @@ class Located:
         return f"the digit touches the {names} edge{plural} of the image: it may be cut off"
 
 
+def _noise(values: np.ndarray) -> float:
+    """The pixel noise's standard deviation along an image's border: the robust spread of the
+    differences between neighbouring border pixels over sqrt(2) (each difference carries two
+    pixels' noise). Smooth paper, a lighting gradient and the soft edges of strokes reaching the
+    border differ little from pixel to pixel, so they do not count as noise."""
+    edges = (values[0], values[-1], values[:, 0], values[:, -1])
+    return _spread(np.concatenate([np.diff(edge) for edge in edges])) / np.sqrt(2)
+
+
 def locate_digit(grey: np.ndarray, name: str = "image") -> Located:
     """The digit as light ink on black in [0, 1], cropped to its bounding box (longer side at
     most CROP_CAP pixels), and the image edges it touches. A light background (the border's
-    median over 127.5) is inverted; the background (_background) is subtracted. Raises
+    median over 127.5) is inverted; the background (_background) is subtracted. Noise over one
+    grey level (_noise, along the border) is smoothed with a 1-pixel
+    Gaussian, and only pixels NOISE_SIGMAS spreads above the paper bound the digit. Raises
     InputError (naming `name`) if there is no digit."""
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if float(np.median(border)) > 127.5:
         grey = 255 - grey
-    ink = np.clip(grey - _background(grey), 0, None)
+    # A photo's sensor noise (and JPEG's): a noisy pixel passing as ink would stretch the
+    # digit's box to the page's edges.
+    residual = grey - _background(grey)
+    noise = _noise(residual)
+    if noise > 1:  # smoothed away first (a 1-pixel Gaussian keeps the strokes)
+        from scipy.ndimage import gaussian_filter
+
+        residual = gaussian_filter(residual, 1.0)
+        # What is left: white noise drops to 1/(2 sqrt(pi)) = 0.28 of itself; JPEG's noise,
+        # correlated, less. Halved, to err on the side of a box too tight (it only then loses the
+        # faintest edge) rather than one stretched by noise. (Measured after smoothing it would
+        # vanish: neighbours then differ little.)
+        noise /= 2
+    ink = np.clip(residual, 0, None)
     peak = float(ink.max(initial=0))
     if peak < MIN_CONTRAST:
         raise InputError(f"{name}: no digit found (the image is blank or has no contrast)")
+    # Capped so that noise never hides the strokes' cores.
+    box_level = min(max(BOX_LEVEL, NOISE_SIGMAS * noise / peak), 0.5)
+    noise_level = min(max(NOISE_LEVEL, 3 * noise / peak), 0.25)
     ink /= peak
-    rows = np.flatnonzero((ink > BOX_LEVEL).any(axis=1))
-    cols = np.flatnonzero((ink > BOX_LEVEL).any(axis=0))
+    rows = np.flatnonzero((ink > box_level).any(axis=1))
+    cols = np.flatnonzero((ink > box_level).any(axis=0))
     height, width = ink.shape
     edges = tuple(
         edge
@@ -251,7 +282,7 @@ def locate_digit(grey: np.ndarray, name: str = "image") -> Located:
         if touches
     )
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    crop = np.where(crop < NOISE_LEVEL, 0, crop).astype(np.float32)
+    crop = np.where(crop < noise_level, 0, crop).astype(np.float32)
     height, width = crop.shape
     if max(height, width) > CROP_CAP:
         scale = CROP_CAP / max(height, width)

@@ -131,8 +131,8 @@ def log_served_model(network_file: Path, examples: np.ndarray, requirements: lis
     """Log the served model into the active run as NAME: this file as its code, `network_file`
     (a .keras file) as its network, the pipeline package as its code path, the signature, and
     `examples` ((N, H, W) test images in [0, 1]) as PNGs for its input example. `requirements`:
-    the network's pinned pip requirements (Pillow is added). MLflow checks the example by
-    loading the logged model and answering it."""
+    the network's pinned pip requirements (Pillow and SciPy, which core.images uses, are
+    added). MLflow checks the example by loading the logged model and answering it."""
     from importlib.metadata import version
 
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
@@ -151,7 +151,7 @@ def log_served_model(network_file: Path, examples: np.ndarray, requirements: lis
             code_paths=[str(PACKAGE_DIR)],
             signature=signature(),
             input_example=request_frame([png(image) for image in examples]),
-            pip_requirements=[*requirements, f"pillow=={version('pillow')}"],
+            pip_requirements=[*requirements, *(f"{p}=={version(p)}" for p in ("pillow", "scipy"))],
         )
     finally:
         pyfunc_log.setLevel(level)
