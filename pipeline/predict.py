@@ -37,44 +37,18 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.core.images import (
-    IMAGE_SUFFIXES,
-    Located,
-    locate_digit,
-    read_grey,
-    to_model_input,
-)
+from pipeline.core.images import IMAGE_SUFFIXES, read_grey
 from pipeline.infra.errors import InputError
+from pipeline.infra.inference import Failure, Prediction, answer, as_json, failure, locate
 from pipeline.infra.model_loading import (
     DEFAULT_MODEL,
-    Model,
     check_model_exists,
     check_recorded_model,
     load_model,
 )
 from pipeline.infra.stage import run_command
-
-
-@dataclass(frozen=True)
-class Failure:
-    """An input that could not be classified, and why (the message without the file's name)."""
-
-    file: str
-    error: str
-
-    def line(self) -> str:
-        return f"{self.file}: error: {self.error}"
-
-
-def _failure(path: Path, err: InputError | OSError) -> Failure:
-    """An InputError names its file first (`<path>: <problem>`); keep only the problem."""
-    message = str(err) if isinstance(err, InputError) else f"cannot read it: {err}"
-    return Failure(file=str(path), error=message.removeprefix(f"{path}: "))
 
 
 def image_files(inputs: Iterable[Path]) -> list[Path | Failure]:
@@ -93,7 +67,7 @@ def image_files(inputs: Iterable[Path]) -> list[Path | Failure]:
                     and not p.name.startswith(".")
                 )
             except OSError as err:
-                files.append(_failure(path, err))
+                files.append(failure(str(path), err))
                 continue
             if not found:
                 files.append(
@@ -105,60 +79,6 @@ def image_files(inputs: Iterable[Path]) -> list[Path | Failure]:
         else:
             files.append(Failure(str(path), "no such file or folder"))
     return files
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's result: the most probable digit, its probability and all ten (6 places)."""
-
-    file: str
-    digit: int
-    probability: float
-    probabilities: list[float]
-    warning: str | None = None  # e.g. the digit touches one edge of the image
-
-    def line(self) -> str:
-        answer = f"{self.file}: {self.digit} (p={self.probability:.2f})"
-        return f"{answer}; warning: {self.warning}" if self.warning else answer
-
-
-def classify(
-    model: Model,
-    pixels: np.ndarray,
-    names: Sequence[str],
-    warnings: Sequence[str | None] | None = None,
-) -> list[Prediction]:
-    """Predict prepared inputs (one flattened canvas per image) -> one Prediction per name,
-    with its warning if any. Raises ModelError when the model does not answer 10 scores per
-    image (Model.predict)."""
-    probabilities = model.predict(pixels)
-    predictions = []
-    for name, row, warning in zip(
-        names, probabilities, warnings or [None] * len(names), strict=True
-    ):
-        digit = int(row.argmax())
-        predictions.append(
-            Prediction(
-                file=name,
-                digit=digit,
-                probability=round(float(row[digit]), 6),
-                probabilities=[round(float(p), 6) for p in row],
-                warning=warning,
-            )
-        )
-    return predictions
-
-
-def _located(path: Path) -> Located | Failure:
-    try:
-        return locate_digit(read_grey(path), str(path))
-    except (InputError, OSError) as err:
-        return _failure(path, err)
-
-
-def as_json(result: Prediction | Failure) -> dict:
-    """A result's JSON entry: its fields, without a warning it does not have."""
-    return {key: value for key, value in asdict(result).items() if value is not None}
 
 
 def predict_files(
@@ -176,16 +96,12 @@ def predict_files(
     if Path(model) == DEFAULT_MODEL:  # train's, of the run in runs/train.json
         check_recorded_model()
     items = image_files(inputs)
-    located = [item if isinstance(item, Failure) else _located(item) for item in items]
-    usable = [i for i, entry in enumerate(located) if not isinstance(entry, Failure)]
-    if not usable:
-        return [entry for entry in located if isinstance(entry, Failure)]
-    loaded = load_model(model, tracking_uri, trust=trust_model)
-    pixels = np.stack([to_model_input(located[i].crop, loaded.side) for i in usable])
-    names = [str(items[i]) for i in usable]
-    predictions = classify(loaded, pixels, names, [located[i].warning for i in usable])
-    answers = dict(zip(usable, predictions, strict=True))
-    return [answers.get(i, entry) for i, entry in enumerate(located)]
+    located = [
+        item if isinstance(item, Failure) else locate(str(item), lambda p=item: read_grey(p))
+        for item in items
+    ]
+    names = [item.file if isinstance(item, Failure) else str(item) for item in items]
+    return answer(located, names, lambda: load_model(model, tracking_uri, trust=trust_model))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,13 +1,17 @@
 """Register a trained model in the MLflow Model Registry and point an alias at it.
 
-    python -m pipeline.registry                        # the model of the run in runs/train.json
+    python -m pipeline.registry                        # the models of the run in runs/train.json
     python -m pipeline.registry runs:/<run id>/model   # any logged model
         [--name digit-classifier] [--alias champion] [--tracking-uri URI]
 
-The model is then loadable (and servable) as `models:/digit-classifier@champion`:
+Without a model URI, both models of the recorded train run are registered, each with the alias:
+its Keras network (`runs:/<id>/model`) as `digit-classifier`, the one `predict` loads without
+running code from the artifact and that scores pixel rows in batch; and its served model
+(`runs:/<id>/served`, images in: pipeline.infra.serving) as `digit-classifier-images`, the one
+to serve:
 
     python -m pipeline.predict --model models:/digit-classifier@champion digit.png
-    mlflow models serve -m models:/digit-classifier@champion --env-manager local
+    mlflow models serve -m models:/digit-classifier-images@champion --env-manager local
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from pipeline.infra.tracking import (
 )
 
 DEFAULT_NAME = "digit-classifier"
+# The served model's name: the network's name + this (digit-classifier-images).
+SERVED_SUFFIX = "-images"
 DEFAULT_ALIAS = "champion"
 
 
@@ -77,7 +83,7 @@ def register(
 
 
 def recorded_run(record: Path = TRAIN_RECORD) -> tuple[str, str]:
-    """(model URI, tracking URI) of the train run recorded in runs/train.json."""
+    """(run id, tracking URI) of the train run recorded in runs/train.json."""
     if not record.is_file():
         raise PipelineError(
             f"{record} is missing: no trained model to register. Run `dvc repro` or "
@@ -85,7 +91,7 @@ def recorded_run(record: Path = TRAIN_RECORD) -> tuple[str, str]:
             "runs:/<run id>/model"
         )
     data = read_json(record)
-    return f"runs:/{data['run_id']}/model", data["tracking_uri"]
+    return data["run_id"], data["tracking_uri"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,8 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "model_uri",
         nargs="?",
-        help="the model to register, e.g. runs:/<run id>/model "
-        f"(default: the run recorded in {TRAIN_RECORD})",
+        help="the model to register, e.g. runs:/<run id>/model (default: both models of the run "
+        f"recorded in {TRAIN_RECORD}: its network as --name, its served model, images in, as "
+        f"--name + {SERVED_SUFFIX!r})",
     )
     parser.add_argument("--name", default=DEFAULT_NAME, help="registered model name (%(default)s)")
     parser.add_argument("--alias", default=DEFAULT_ALIAS, help="alias to set (%(default)s)")
@@ -117,16 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow.tracking._model_registry.fluent").setLevel(logging.ERROR)
 
     def register_and_print() -> None:
-        model_uri, tracking_uri = args.model_uri, args.tracking_uri
-        if model_uri is None:
+        models, tracking_uri = [(args.model_uri, args.name)], args.tracking_uri
+        if args.model_uri is None:
+            from pipeline.infra.serving import NAME as SERVED_MODEL  # imports MLflow
+
             check_recorded_model()  # the run's model is the one predict uses
-            model_uri, recorded_uri = recorded_run()
+            run_id, recorded_uri = recorded_run()
             tracking_uri = tracking_uri or recorded_store(recorded_uri, store_uri())
-        registered = register(model_uri, args.name, args.alias, tracking_uri)
-        print(
-            f"registered {registered.source} as {registered.name} version {registered.version} "
-            f"in {redact(registered.store)}; {registered.uri} points at it"
-        )
+            models = [
+                (f"runs:/{run_id}/model", args.name),
+                (f"runs:/{run_id}/{SERVED_MODEL}", args.name + SERVED_SUFFIX),
+            ]
+        for model_uri, name in models:
+            registered = register(model_uri, name, args.alias, tracking_uri)
+            print(
+                f"registered {registered.source} as {registered.name} version "
+                f"{registered.version} in {redact(registered.store)}; {registered.uri} points at it"
+            )
 
     return run_command(register_and_print)
 

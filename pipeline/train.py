@@ -51,6 +51,7 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
     from pipeline.core.plots import history_curves, history_rows
     from pipeline.core.training import configure_threads, fit, new_session
     from pipeline.infra.keras_logging import EpochMetricsLogger, model_requirements
+    from pipeline.infra.serving import log_served_model
 
     train_split = load_split(prepared_dir / "train.npz")
     test_split = load_split(prepared_dir / "test.npz")
@@ -132,6 +133,8 @@ def train(cfg: Config, prepared_dir: Path, out_root: Path) -> dict[str, float]:
                     input_example=sample,
                     pip_requirements=model_requirements(),
                 )
+                # Beside the network, the model `mlflow models serve` serves: images in.
+                log_served_model(model_path, test_split.images[:2], model_requirements())
     log.info(
         "test accuracy %.4f, loss %.4f (%.1f s); MLflow run %s",
         metrics["test_accuracy"],

@@ -435,6 +435,11 @@ class TrainedDigits:
     def run_model_uri(self) -> str:
         return f"runs:/{self.run_id}/model"
 
+    @property
+    def served_model_uri(self) -> str:
+        """The run's served model (images in: pipeline.infra.serving)."""
+        return f"runs:/{self.run_id}/served"
+
 
 # The ways people store a digit, as render() writes them.
 STYLES = (

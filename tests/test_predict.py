@@ -30,8 +30,8 @@ from run_helpers import (
     run_predict,
 )
 
-from pipeline import predict
 from pipeline.core.images import digit_box, prepare_image
+from pipeline.infra.inference import classify
 from pipeline.infra.model_loading import Model, load_model
 
 # conftest's `trained_digits` (60 epochs, width 64) recognises the rendered test digits ~95% of
@@ -90,7 +90,7 @@ def test_rendered_test_digits_are_recognised(
     pixels = np.stack([prepare_image(path, model.side) for path in files])
     assert pixels.shape == (SAMPLES, 64)
     assert pixels.dtype == np.float32 and pixels.min() >= 0 and pixels.max() == 1
-    found = [p.digit for p in predict.classify(model, pixels, [str(f) for f in files])]
+    found = [p.digit for p in classify(model, pixels, [str(f) for f in files])]
     truth = trained_digits.test_labels[:SAMPLES].tolist()
     correct = sum(f == t for f, t in zip(found, truth, strict=True))
     assert correct >= MIN_CORRECT, f"{style}: {correct}/{SAMPLES} right: {found} vs {truth}"

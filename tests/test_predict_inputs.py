@@ -14,7 +14,18 @@ import numpy as np
 import pytest
 from run_helpers import STYLES, TrainedDigits, parse_json, render, run_predict
 
-from pipeline.infra.errors import ModelError
+from pipeline.core.renders import (
+    PAPER,
+    SHADE,
+    canvas_export,
+    digit_ink,
+    ink_on,
+    page,
+    photo_noise,
+    save_grey,
+    tight_crop,
+)
+from pipeline.infra.errors import InputError, ModelError
 from pipeline.infra.model_loading import load_model
 
 # --------------------------------------------------------------------------- input layouts
@@ -188,41 +199,8 @@ def test_a_model_that_does_not_take_one_square_image_is_named_without_none(
 
 # --------------------------------------------------------------------------- photos of paper
 
-PAPER, SHADE, PEN = 245.0, 190.0, 80.0  # grey levels: paper, its shaded side, a pen in a photo
 SHADOWED = 40  # test digits rendered per condition
 SHADOW_SLACK = 3  # of SHADOWED: shadowed paper may cost at most this many right answers
-
-
-def page(height: int, width: int, shade: float = SHADE, direction: int = 0) -> np.ndarray:
-    """A photographed page: PAPER on one side darkening linearly to `shade` on the other,
-    left to right (direction 0), top to bottom (1) or corner to corner (2)."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    across = [xs / (width - 1), ys / (height - 1), (xs / (width - 1) + ys / (height - 1)) / 2]
-    return PAPER + (shade - PAPER) * across[direction % 3]
-
-
-def ink_on(paper: np.ndarray, ink: np.ndarray, top: int, left: int) -> np.ndarray:
-    """`ink` (0 paper .. 1 full pen) laid on the page at (top, left), the pen darkening it."""
-    out = paper.copy()
-    h, w = ink.shape
-    region = out[top : top + h, left : left + w]
-    out[top : top + h, left : left + w] = region + (PEN - region) * ink
-    return out
-
-
-def save_grey(pixels: np.ndarray, path: Path) -> Path:
-    from PIL import Image
-
-    Image.fromarray(np.round(np.clip(pixels, 0, 255)).astype(np.uint8), mode="L").save(path)
-    return path
-
-
-def digit_ink(digit: np.ndarray, size: int) -> np.ndarray:
-    """An 8x8 test digit (light on dark, [0, 1]) scaled smoothly to size x size, in [0, 1]."""
-    from PIL import Image
-
-    image = Image.fromarray(np.round(digit * 255).astype(np.uint8), mode="L")
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
 
 
 def pen_seven(size: int, width: int = 5) -> np.ndarray:
@@ -268,6 +246,30 @@ def test_a_shadowed_page_is_cropped_to_the_digit_not_to_the_border(tmp_path: Pat
         assert located.warning is None, (name, located.warning)
 
 
+@pytest.mark.parametrize("sigma", [8.0, 20.0])
+def test_a_noisy_photo_is_cropped_to_the_digit_not_to_the_page(sigma: float, tmp_path: Path):
+    """Sensor noise of `sigma` grey levels on the page, saved as a JPEG (quality 75): the crop
+    is the pen's '7', as without noise (a noisy pixel passing as ink used to stretch the box to
+    the page's edges), and a blank noisy page is still no digit."""
+    from pipeline.core.images import locate_digit, read_grey
+
+    seven = pen_seven(60)
+    inked = seven > 0.5
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
+    expected = np.array([rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1])
+    rng = np.random.default_rng(0)
+    for name, paper in {"even": page(140, 200, PAPER), "shadowed": page(140, 200, SHADE)}.items():
+        pixels = photo_noise(ink_on(paper, seven, 40, 70), sigma, rng)
+        path = save_grey(pixels, tmp_path / f"{name}.jpg", quality=75)
+        located = locate_digit(read_grey(path), name)
+        shape = located.crop.shape
+        assert np.abs(np.array(shape) - expected).max() <= 3, (name, shape)
+        assert located.warning is None, (name, located.warning)
+    blank = save_grey(photo_noise(page(140, 200, PAPER), sigma, rng), tmp_path / "blank.jpg")
+    with pytest.raises(InputError, match="no digit found"):
+        locate_digit(read_grey(blank), "blank")
+
+
 def shadow_accuracy(trained: TrainedDigits, model, folder: Path, shade: float) -> int:
     """How many of SHADOWED test digits, each on its own page (the shadow's direction and the
     digit's place varying), the model gets right through predict's preprocessing."""
@@ -298,19 +300,6 @@ def test_digits_on_shadowed_paper_are_recognised_as_on_even_paper(
 
 
 # --------------------------------------------------------------------------- transparency
-
-
-def canvas_export(ink: np.ndarray, path: Path, colour: tuple[int, int, int]) -> Path:
-    """A web canvas export: strokes of one colour, the drawing only in the alpha channel, on a
-    fully transparent (0, 0, 0, 0) background."""
-    from PIL import Image
-
-    alpha = np.round(ink * 255).astype(np.uint8)
-    rgba = np.zeros((*ink.shape, 4), dtype=np.uint8)
-    rgba[alpha > 0, :3] = colour
-    rgba[..., 3] = alpha
-    Image.fromarray(rgba, mode="RGBA").save(path)
-    return path
 
 
 @pytest.mark.parametrize("colour", [(255, 255, 255), (0, 0, 0), (200, 30, 30)], ids=str)
@@ -352,9 +341,7 @@ def test_a_digit_cut_by_one_edge_is_answered_with_a_warning(
     its JSON entry); a tight crop (the digit spanning the whole height) gets none."""
     ink = digit_ink(trained_digits.test_images[0], 56)
     cut = save_grey(ink_on(page(100, 130), ink, 20, 70)[:, :100], tmp_path / "cut.png")
-    rows, cols = np.flatnonzero((ink > 0.5).any(axis=1)), np.flatnonzero((ink > 0.5).any(axis=0))
-    inked = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # touching all four edges
-    tight = save_grey(255 - inked * 225, tmp_path / "tight.png")
+    tight = save_grey(tight_crop(ink, paper=255), tmp_path / "tight.png")  # touching all edges
     result = run_predict(str(cut), str(tight), "--model", str(trained_digits.model), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     cut_line, tight_line = result.stdout.splitlines()

@@ -6,12 +6,14 @@ canvas).
 Any ordinary image works (PNG, JPEG, BMP, GIF, TIFF, WebP, PGM/PPM: FORMATS; any size; dark ink
 on light paper or light on dark; colour, grey, 16-bit, float, or transparent). A photo's paper
 may be unevenly lit: the background is a smooth surface fitted to the image's border, not one
-level. The result is grey, light digit on black, pixels in [0, 1], flattened: side*side float32
-values for a side x side canvas.
+level; a camera's noise is measured on that border and smoothed away before the digit is
+cropped. The result is grey, light digit on black, pixels in [0, 1], flattened: side*side
+float32 values for a side x side canvas.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,9 @@ MIN_TRIM = 3.0
 # Of the ink's peak: pixels above BOX_LEVEL bound the digit; those below NOISE_LEVEL are zeroed.
 BOX_LEVEL = 0.15
 NOISE_LEVEL = 0.05
+# Noise: a pixel bounds the digit only above this many robust standard deviations of the paper's
+# noise (Gaussian: 3e-7 of paper pixels pass), and those within 3 of them are zeroed.
+NOISE_SIGMAS = 5.0
 # The cropped digit is kept at most this many pixels on its longer side until the model's canvas
 # size is known (far above any model's, so the final resize is unaffected in practice).
 CROP_CAP = 256
@@ -105,22 +110,33 @@ def read_grey(path: Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     Only FORMATS are tried, whatever the file's name. Raises InputError for an empty file, a file
     that is not an image in one of them, a damaged image, and an image over `max_megapixels`
     (checked from the header, before any pixels are decoded)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes), not an image")
+    return _decode(path, str(path), max_megapixels)
+
+
+def decode_grey(data: bytes, name: str, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+    """read_grey for an image's bytes (a served request's image), `name` naming it in errors."""
+    if not data:
+        raise InputError(f"{name}: empty (0 bytes), not an image")
+    return _decode(io.BytesIO(data), name, max_megapixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_megapixels: float) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     too_large = (
-        f"{path}: image too large (the limit is {max_megapixels:g} megapixels); downscale it first"
+        f"{name}: image too large (the limit is {max_megapixels:g} megapixels); downscale it first"
     )
     try:
         with warnings.catch_warnings():
             # Our own limit is lower than Pillow's warning threshold; the error is ours to raise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=list(FORMATS)) as image:
+            with Image.open(source, formats=list(FORMATS)) as image:
                 width, height = image.size
                 if width * height > max_megapixels * 1e6:
                     raise InputError(
-                        f"{path}: image too large ({width}x{height} = "
+                        f"{name}: image too large ({width}x{height} = "
                         f"{width * height / 1e6:.1f} megapixels, the limit is "
                         f"{max_megapixels:g}); downscale it first"
                     )
@@ -130,11 +146,11 @@ def read_grey(path: Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
         raise InputError(too_large) from None
     except UnidentifiedImageError:
         raise InputError(
-            f"{path}: not an image in a format predict reads ({', '.join(FORMATS)}); other "
+            f"{name}: not an image in a format predict reads ({', '.join(FORMATS)}); other "
             "formats are not opened"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:  # damaged/truncated images
-        raise InputError(f"{path}: cannot read the image: {err}") from None
+        raise InputError(f"{name}: cannot read the image: {err}") from None
 
 
 def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -212,21 +228,48 @@ class Located:
         return f"the digit touches the {names} edge{plural} of the image: it may be cut off"
 
 
+def _noise(values: np.ndarray) -> float:
+    """The pixel noise's standard deviation along an image's border: the robust spread of the
+    differences between neighbouring border pixels over sqrt(2) (each difference carries two
+    pixels' noise). Smooth paper, a lighting gradient and the soft edges of strokes reaching the
+    border differ little from pixel to pixel, so they do not count as noise."""
+    edges = (values[0], values[-1], values[:, 0], values[:, -1])
+    return _spread(np.concatenate([np.diff(edge) for edge in edges])) / np.sqrt(2)
+
+
 def locate_digit(grey: np.ndarray, name: str = "image") -> Located:
     """The digit as light ink on black in [0, 1], cropped to its bounding box (longer side at
     most CROP_CAP pixels), and the image edges it touches. A light background (the border's
-    median over 127.5) is inverted; the background (_background) is subtracted. Raises
+    median over 127.5) is inverted; the background (_background) is subtracted. Noise over one
+    grey level (_noise, along the border) is smoothed with a 1-pixel
+    Gaussian, and only pixels NOISE_SIGMAS spreads above the paper bound the digit. Raises
     InputError (naming `name`) if there is no digit."""
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if float(np.median(border)) > 127.5:
         grey = 255 - grey
-    ink = np.clip(grey - _background(grey), 0, None)
+    # A photo's sensor noise (and JPEG's): a noisy pixel passing as ink would stretch the
+    # digit's box to the page's edges.
+    residual = grey - _background(grey)
+    noise = _noise(residual)
+    if noise > 1:  # smoothed away first (a 1-pixel Gaussian keeps the strokes)
+        from scipy.ndimage import gaussian_filter
+
+        residual = gaussian_filter(residual, 1.0)
+        # What is left: white noise drops to 1/(2 sqrt(pi)) = 0.28 of itself; JPEG's noise,
+        # correlated, less. Halved, to err on the side of a box too tight (it only then loses the
+        # faintest edge) rather than one stretched by noise. (Measured after smoothing it would
+        # vanish: neighbours then differ little.)
+        noise /= 2
+    ink = np.clip(residual, 0, None)
     peak = float(ink.max(initial=0))
     if peak < MIN_CONTRAST:
         raise InputError(f"{name}: no digit found (the image is blank or has no contrast)")
+    # Capped so that noise never hides the strokes' cores.
+    box_level = min(max(BOX_LEVEL, NOISE_SIGMAS * noise / peak), 0.5)
+    noise_level = min(max(NOISE_LEVEL, 3 * noise / peak), 0.25)
     ink /= peak
-    rows = np.flatnonzero((ink > BOX_LEVEL).any(axis=1))
-    cols = np.flatnonzero((ink > BOX_LEVEL).any(axis=0))
+    rows = np.flatnonzero((ink > box_level).any(axis=1))
+    cols = np.flatnonzero((ink > box_level).any(axis=0))
     height, width = ink.shape
     edges = tuple(
         edge
@@ -239,7 +282,7 @@ def locate_digit(grey: np.ndarray, name: str = "image") -> Located:
         if touches
     )
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    crop = np.where(crop < NOISE_LEVEL, 0, crop).astype(np.float32)
+    crop = np.where(crop < noise_level, 0, crop).astype(np.float32)
     height, width = crop.shape
     if max(height, width) > CROP_CAP:
         scale = CROP_CAP / max(height, width)

@@ -257,9 +257,9 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
         # writes, or its MLflow store's (under MLflow's and SQLAlchemy's wrappers).
         if (cause := filesystem_cause(err)) is None:
             raise
-        kept = outcome() or "nothing partial was kept"
-        _fail(f"error: {cause.describe()}. {kept[0].upper()}{kept[1:]}: {cause.fix} and run the "
-              "stage again.")  # fmt: skip
+        # Which set of outputs is in place, if the stage began replacing them (files.outcome).
+        kept = f"; {kept}" if (kept := outcome()) else ". Nothing partial was kept"
+        _fail(f"error: {cause.describe()}{kept}: {cause.fix} and run the stage again.")
 
 
 def _exit_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
