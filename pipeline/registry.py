@@ -21,6 +21,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.infra.credentials import redact
 from pipeline.infra.errors import PipelineError, TrackingError, first_line
@@ -68,11 +69,12 @@ def register(
     uri = store_uri(tracking_uri)
     check_store(uri, NO_STORE_FIX)
     try:
-        with using_store(uri):
+        with using_store(uri):  # register_model and get_model_info take no store argument
             version = mlflow.register_model(model_uri, name)
-        mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(
-            name, alias, version.version
-        )
+            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.set_registered_model_alias(name, alias, version.version)
+            if version.run_id:
+                _describe(client, version, model_uri)
     except MlflowException as err:
         raise TrackingError(
             f"cannot register {model_uri} as {name!r} in {uri}: {first_line(err)}"
@@ -80,6 +82,58 @@ def register(
     return Registered(
         name=name, version=str(version.version), alias=alias, source=model_uri, store=uri
     )
+
+
+# The source run's tags and metrics a registered version carries as its own tags.
+VERSION_TAGS = ("dataset", "dataset_sha256", "git_commit")
+VERSION_METRICS = ("test_accuracy", "test_loss")
+
+
+def _describe(client: Any, version: Any, model_uri: str) -> None:
+    """Give a new version what a reviewer asks of it, from the run that logged it: tags
+    (dataset, its SHA-256, git commit, model type, the model's input, test accuracy and loss; CV
+    accuracy when the run's config has a crossval run in the same store) and a one-line
+    description."""
+    import mlflow
+
+    run = client.get_run(version.run_id)
+    tags = {k: run.data.tags[k] for k in VERSION_TAGS if k in run.data.tags}
+    tags |= {k: f"{run.data.metrics[k]:.4f}" for k in VERSION_METRICS if k in run.data.metrics}
+    tags["model"] = run.data.params.get("model.name", "?")
+    signature = mlflow.models.get_model_info(model_uri).signature
+    if signature is not None:
+        tags["input"] = ", ".join(
+            f"{spec.name or 'pixels'} {spec.type}{list(getattr(spec, 'shape', ()) or [])}"
+            for spec in signature.inputs.inputs
+        )
+    if cv := _crossval_of(client, run):
+        tags["cv_accuracy_mean"] = f"{cv['accuracy_mean']:.4f}"
+        tags["cv_accuracy_std"] = f"{cv['accuracy_std']:.4f}"
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+    test = f"test accuracy {tags['test_accuracy']}" if "test_accuracy" in tags else "not tested"
+    cv_text = f", {tags['cv_accuracy_mean']} cross-validated" if cv else ""
+    client.update_model_version(
+        version.name,
+        version.version,
+        description=f"{tags['model']} on {tags.get('dataset', '?')}: {test}{cv_text} "
+        f"(train run {run.info.run_id}, git {tags.get('git_commit', '?')[:8]})",
+    )
+
+
+def _crossval_of(client: Any, run: Any) -> dict[str, float] | None:
+    """The metrics of the newest finished crossval run of train run `run`'s experiment with the
+    same data and params (both stages log the whole config); None if there is none."""
+    query = "tags.stage = 'crossval' and attributes.status = 'FINISHED'"
+    if sha := run.data.tags.get("dataset_sha256"):
+        query += f" and tags.dataset_sha256 = '{sha}'"
+    found = client.search_runs(
+        [run.info.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=50
+    )
+    for candidate in found:
+        if candidate.data.params == run.data.params and "accuracy_mean" in candidate.data.metrics:
+            return candidate.data.metrics
+    return None
 
 
 def recorded_run(record: Path = TRAIN_RECORD) -> tuple[str, str]:

@@ -350,6 +350,16 @@ def test_applied_experiment_registers_and_predicts_from_the_project_store(
 
     registered = project.python("-m", "pipeline.registry").stdout
     assert f"registered runs:/{record['run_id']}/model as digit-classifier" in registered
+    # The version says how good the model is, cross-validated too (the experiment's crossval
+    # run: same data and params).
+    registry_client = client(sqlite_uri(project.root / STORE))
+    version = registry_client.get_model_version_by_alias("digit-classifier", "champion")
+    [crossval] = [
+        r for r in _store_runs(project)
+        if r.data.tags.get("stage") == "crossval" and r.data.tags.get("dvc.exp_name") == TEMP_EXP
+    ]  # fmt: skip
+    assert version.tags["cv_accuracy_mean"] == f"{crossval.data.metrics['accuracy_mean']:.4f}"
+    assert "cross-validated" in version.description
 
     from pipeline.core.data import load_split
 

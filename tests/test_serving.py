@@ -84,6 +84,17 @@ def test_register_sets_the_champion_alias_on_the_runs_model(
     version = client.get_model_version_by_alias(DEFAULT_NAME, DEFAULT_ALIAS)
     assert str(version.version) == registered
     assert version.run_id == trained_digits.run_id
+    # What a reviewer asks of a version: which data, which model, what input, how good.
+    run = client.get_run(trained_digits.run_id)
+    assert version.tags["dataset"] == "digits"
+    assert version.tags["dataset_sha256"] == run.data.tags["dataset_sha256"]
+    assert version.tags["model"] == "mlp"
+    assert version.tags["test_accuracy"] == f"{run.data.metrics['test_accuracy']:.4f}"
+    assert version.tags["input"] == "pixels float32[-1, 64]"  # 8x8 digits, flattened
+    assert version.description.startswith(
+        f"mlp on digits: test accuracy {version.tags['test_accuracy']}"
+    )
+    assert trained_digits.run_id in version.description
 
 
 def test_register_without_arguments_uses_the_recorded_run_and_moves_the_alias(
