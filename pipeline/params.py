@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.infra.credentials import redact
 from pipeline.infra.errors import ConfigError
 from pipeline.infra.files import atomic_path
 from pipeline.infra.stage import run_command
@@ -122,13 +123,29 @@ def check() -> None:
     )
 
 
+def refuse_passwords(text: str) -> None:
+    """ConfigError if `text`, a params.yaml to be written or checked, holds a password or token
+    in a URI (tracking.uri, dataset.mirrors): git tracks params.yaml, and DVC commits it with
+    every experiment (`dvc exp push` publishes it)."""
+    if redact(text) != text:
+        [line] = [line for line in text.splitlines() if redact(line) != line][:1]
+        raise ConfigError(
+            f"params.yaml would hold a password ({redact(line.strip())}), and git tracks it: DVC "
+            "commits it with every experiment. Fix: keep it out of the URI (a tracking server's "
+            "login in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, docs/SECURITY.md) or "
+            "pass the URI to the stage alone (python -m pipeline.train tracking.uri=...)"
+        )
+
+
 def _valid_params() -> dict:
     """params.yaml's content, checked against the schema as every stage reads it."""
     from omegaconf import OmegaConf
 
     from pipeline.infra.config import validate
 
-    params = _load(PARAMS_FILE.read_text(encoding="utf-8"), "params.yaml")
+    text = PARAMS_FILE.read_text(encoding="utf-8")
+    refuse_passwords(text)
+    params = _load(text, "params.yaml")
     try:
         validate(OmegaConf.create(params))
     except ConfigError as err:
@@ -144,8 +161,8 @@ def validate_params() -> None:
     except ConfigError as err:
         fix = "" if "Fix: " in str(err) else " Fix: use a key of conf/ (in params.yaml or -S)."
         raise ConfigError(
-            f"{err}.{fix} No stage ran and no output was touched; `python -m pipeline.params` "
-            "regenerates params.yaml from conf/"
+            f"{err}.{fix} No stage ran and no output was touched; `git checkout params.yaml` "
+            "restores the committed one (`python -m pipeline.params`: conf/ composed)"
         ) from None
     stamp = stamp_file()
     if not stamp.is_file() or stamp.read_text(encoding="utf-8") != VALID_STAMP:
@@ -277,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.promote:
         return run_command(lambda: print(_promoted(promote(args.promote))))
     expected = compose_params(args.overrides)
+    if (refused := run_command(lambda: refuse_passwords(expected))) != 0:
+        return refused
     current = PARAMS_FILE.read_text(encoding="utf-8") if PARAMS_FILE.exists() else ""
     if current != expected:
         with atomic_path(PARAMS_FILE) as tmp:

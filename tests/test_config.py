@@ -89,6 +89,7 @@ def test_overrides_reach_the_typed_config():
         ("dataset.retries=-1", "dataset.retries"),
         (("dataset=digits", "dataset.test_fraction=1"), "dataset.test_fraction"),
         ("seed=-1", "seed"),
+        ("seed=4294967296", "seed"),  # NumPy's limit: 2**32 - 1
         ("validation_split=1.0", "validation_split"),
     ],
 )
@@ -100,6 +101,16 @@ def test_invalid_value_raises_config_error_naming_the_key(override, key):
     message = str(excinfo.value)
     assert names_key(message, key), message
     assert "\n" not in message  # one clean line, not OmegaConf's context dump
+    assert "Fix:" in message or "did you mean" in message or "valid keys" in message, message
+
+
+@pytest.mark.parametrize("override", ["width=abc", "batch_size=1.5", "model.depth=two"])
+def test_a_value_of_the_wrong_type_names_the_key_value_and_fix(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as excinfo:
+        validate(compose(override))
+    message = str(excinfo.value)
+    assert message.startswith(f"{key}={value} is invalid: ") and "Fix: " in message, message
 
 
 def test_cnn_without_conv_layers_is_rejected():

@@ -550,3 +550,46 @@ def test_train_and_crossval_replace_every_output_dvc_tracks() -> None:
     for name, outputs in (("train", paths.TRAIN_OUTPUTS), ("crossval", paths.CROSSVAL_OUTPUTS)):
         tracked = [*stages[name]["outs"], *stages[name]["metrics"]]
         assert sorted(o.as_posix() for o in outputs) == sorted(tracked), name
+
+
+@pytest.mark.parametrize("dataset", sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
+def test_every_param_a_stage_lists_is_in_params_yaml_for_every_dataset(dataset: str) -> None:
+    """DVC refuses a stage whose params are missing from params.yaml ("Parameters ... are
+    missing"): on a fresh clone's default dataset, `dvc repro` would stop at fetch."""
+    params = compose(f"dataset={dataset}")
+    listed = [
+        (name, key)
+        for name, stage in _stages().items()
+        for key in stage.get("params", [])
+        if isinstance(key, str)  # `- params.yaml:` (the whole file) is a mapping
+    ]
+    missing = [f"{name}: {key}" for name, key in listed if OmegaConf.select(params, key) is None]
+    assert listed and not missing, f"dataset={dataset}: params.yaml lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["tracking.uri=http://alice:S3CRET@127.0.0.1:5000", "dataset.mirrors=[https://u:S3CRET@h/]"],
+)
+def test_a_password_never_reaches_params_yaml(
+    conf_copy: Path, override: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """git tracks params.yaml and DVC commits it with each experiment: writing one with a
+    password is refused, and so is checking one (`dvc exp run -S ...` writes it itself)."""
+    before = (conf_copy / "params.yaml").read_bytes()
+    assert pipeline.params.main([override]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "would hold a password" in line and "S3CRET" not in line and "***" in line, line
+    assert (conf_copy / "params.yaml").read_bytes() == before
+
+    key, value = override.split("=", 1)
+    params = yaml.safe_load(before)
+    node = params
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+    (conf_copy / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    assert pipeline.params.main(["--validate"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert "would hold a password" in line and "S3CRET" not in line, line

@@ -372,19 +372,18 @@ def test_interrupted_download_exits_cleanly_and_keeps_nothing(
 def test_unknown_group_option_lists_the_available_options(cli, tmp_path):
     result = cli(tmp_path, "pipeline.train", "dataset=nope")
     assert result.returncode != 0
-    assert "Could not find 'dataset/nope'" in result.stderr, result.stderr
-    available = result.stderr.split("Available options in 'dataset':", 1)[1]
+    [line] = result.stderr.strip().splitlines()  # one line, without Hydra's search path
+    assert line.startswith("error: ") and "Could not find 'dataset/nope'" in line, line
+    available = line.split("Available options in 'dataset':", 1)[1]
     assert {"digits", "fashion_mnist", "mnist"} <= set(available.split()[:3])
-    assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # no data/, models/, mlflow.db, not even Hydra's outputs/
 
 
 def test_misspelt_key_is_refused_before_any_work(cli, tmp_path):
     result = cli(tmp_path, "pipeline.train", "epoch=5")
     assert result.returncode != 0
-    assert "Could not override 'epoch'" in result.stderr, result.stderr
-    assert "Key 'epoch' is not in struct" in result.stderr
-    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: unknown config key 'epoch' (did you mean 'epochs'?)"), line
     assert list(tmp_path.iterdir()) == []
 
 

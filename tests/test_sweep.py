@@ -61,6 +61,8 @@ def test_each_jobs_log_lines_say_which_job_and_config_they_belong_to(sweep):
     """Parallel jobs (hydra/launcher=joblib) print to one terminal, interleaved."""
     for job, epochs in enumerate(EPOCHS):
         assert re.search(rf"\[job {job} epochs={epochs}\] test accuracy [0-9.]+", sweep["log"])
+    # Hydra's own line launching job 1 runs after job 0 ended: no job's label.
+    assert re.search(r"\[HYDRA\]\s+#1 : epochs=2", sweep["log"]), sweep["log"]
 
 
 def test_runs_share_one_sweep_tag(sweep):

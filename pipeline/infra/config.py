@@ -158,7 +158,8 @@ class Config:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(self.folds >= 2, "folds", self.folds, ">= 2")
         _require(self.width >= 1, "width", self.width, ">= 1")
-        _require(self.seed >= 0, "seed", self.seed, ">= 0")
+        # NumPy's and Keras' seeds are 32-bit unsigned.
+        _require(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32)")
         _require(
             0 <= self.validation_split < 1, "validation_split", self.validation_split, "in [0, 1)"
         )
@@ -199,11 +200,17 @@ def validate(cfg: DictConfig | dict) -> Config:
         key = getattr(err, "full_key", None) or "?"
         reason = first_line(err)
         if isinstance(err, ConfigKeyError):
-            reason += _closest_key(key)
-        raise ConfigError(f"invalid config key '{key}': {reason}") from None
+            raise ConfigError(f"invalid config key '{key}': {reason}{closest_key(key)}") from None
+        # A known key with a value of the wrong type (width=abc): OmegaConf's conversion message.
+        value = getattr(err, "value", None)
+        shown = f"{key}={value}" if value is not None else f"the value of {key}"
+        raise ConfigError(
+            f"{shown} is invalid: {reason}. Fix: give {key} a value of its type "
+            "(`python -m pipeline.train --help` lists each key's type and range)"
+        ) from None
 
 
-def _closest_key(key: str) -> str:
+def closest_key(key: str) -> str:
     """' (did you mean ...?)' naming the schema key nearest to the unknown dotted `key` (difflib's
     ratio, as argparse and git do), or the valid keys at that level when none is near."""
     parent, _, leaf = key.rpartition(".")

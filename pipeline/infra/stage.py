@@ -14,9 +14,9 @@ from typing import Any, NoReturn, TypeVar
 
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from pipeline.infra.config import Config, validate
+from pipeline.infra.config import Config, closest_key, validate
 from pipeline.infra.credentials import redact, redact_log_records
 from pipeline.infra.errors import (
     ConfigError,
@@ -153,19 +153,21 @@ def label_log_records(label: str) -> None:
     """From now on start every log message of this process with `[label] `: the parallel jobs of
     a sweep print to one terminal, and `fold 1/5: accuracy 0.97` alone does not say whose it is.
     A record factory, like credentials.redact_log_records (Hydra replaces the handlers for each
-    job); a later call, the next job in a reused worker process, replaces the label."""
+    job); a later call replaces the label, "" ends it (a job's end: Hydra's own lines between
+    jobs are no job's)."""
     global _job_label
-    first = not _job_label
     _job_label = label.replace("%", "%%")  # the message is %-formatted with its args
-    if not first:
-        return
     base = logging.getLogRecordFactory()
+    if getattr(base, "labels_jobs", False):
+        return
 
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = base(*args, **kwargs)
-        record.msg = f"[{_job_label}] {record.msg}"
+        if _job_label:
+            record.msg = f"[{_job_label}] {record.msg}"
         return record
 
+    factory.labels_jobs = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
 
 
@@ -237,12 +239,12 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
     objective, e.g. crossval's mean accuracy); turn known failures into one clear line. Passwords
     in URIs are masked in its log lines and its error (credentials.redact)."""
     _one_line_logging()
+    forget_outcome()  # an earlier sweep job's, in this process
     try:
         _refuse_chdir()
         settings = validate(cfg)
         _label_sweep_job_logs()
         remove_stale_temp_files(output_root())  # left by writers killed with kill -9
-        forget_outcome()
         with one_run_at_a_time(), sigterm_as_interrupt():
             return stage(settings)
     except PipelineError as err:
@@ -260,12 +262,28 @@ def run_stage(cfg: DictConfig, stage: Callable[[Config], T]) -> T:
         # Which set of outputs is in place, if the stage began replacing them (files.outcome).
         kept = f"; {kept}" if (kept := outcome()) else ". Nothing partial was kept"
         _fail(f"error: {cause.describe()}{kept}: {cause.fix} and run the stage again.")
+    finally:
+        if _job_label:
+            label_log_records("")
 
 
 def _exit_interrupted(interrupt: KeyboardInterrupt) -> NoReturn:
     kept = outcome() or "no partial outputs were kept"
     print(f"interrupted ({str(interrupt) or 'Ctrl-C'}); {kept}", file=sys.stderr)
     sys.exit(143 if isinstance(interrupt, Terminated) else 130)
+
+
+def _hydra_error_line(err: CompactHydraException) -> str:
+    """Hydra's refusal of an override as one line: an unknown key (`epoch=3`) with the closest
+    schema key; an unknown group option (`model=cnnn`) with the options, less the search path."""
+    cause = err.__cause__
+    unknown = (ConfigAttributeError, ConfigKeyError)
+    if isinstance(cause, unknown) and (key := getattr(cause, "full_key", None)):
+        return f"error: unknown config key '{key}'{closest_key(key)}. Fix: use a key `--help` lists"
+    text = str(err).split("Config search path")[0]
+    if isinstance(cause, OmegaConfBaseException):
+        text += f" {cause}"
+    return "error: " + " ".join(text.split())
 
 
 def run_main(hydra_main: Callable[[], object]) -> None:
@@ -285,10 +303,8 @@ def run_main(hydra_main: Callable[[], object]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
-    except CompactHydraException as err:  # as hydra._internal.utils.run_and_report prints them
-        print(redact(str(err)), file=sys.stderr)
-        if isinstance(err.__cause__, OmegaConfBaseException):
-            print(redact(str(err.__cause__)), file=sys.stderr)
+    except CompactHydraException as err:  # an override Hydra refused before the stage
+        print(redact(_hydra_error_line(err)), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:  # a sweep's own process (callbacks.CloseInterruptedRuns)
         _exit_interrupted(err)
