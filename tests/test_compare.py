@@ -738,9 +738,9 @@ def test_mcnemar_on_two_train_runs(seed_sweep: SeedSweep, tmp_path: Path, capsys
     assert f"| {a[:8]} right | {pair.result.both_right} | {only_a} |" in printed
     assert "McNemar" in printed and output.with_suffix(".html").is_file()
     client = mlflow.MlflowClient(tracking_uri=seed_sweep.uri)
-    logged = client.search_runs(
-        [seed_sweep.runs[0].info.experiment_id], f"tags.`compare.runs` = '{a} {b}'"
-    )
+    compared = client.get_experiment(seed_sweep.runs[0].info.experiment_id).name
+    comparisons = client.get_experiment_by_name(f"{compared}-comparisons")  # apart from the runs
+    logged = client.search_runs([comparisons.experiment_id], f"tags.`compare.runs` = '{a} {b}'")
     assert len(logged) == 1 and logged[0].info.status == "FINISHED"
     assert logged[0].data.metrics["p_value"] == pytest.approx(expected)
 
