@@ -257,7 +257,8 @@ def promote(name: str) -> Path:
         if previous is None:
             preset.unlink()
         else:
-            preset.write_text(previous, encoding="utf-8")
+            with atomic_path(preset) as tmp:
+                tmp.write_text(previous, encoding="utf-8")
         raise
     if params_text != PARAMS_FILE.read_text(encoding="utf-8"):  # same values, conf/'s layout
         with atomic_path(PARAMS_FILE) as tmp:

@@ -282,7 +282,7 @@ def test_a_new_user_follows_the_printed_link_to_the_run(browser, server, tracked
     link = tracked["links"][-1]
     assert link.startswith(DEFAULT_UI) and "workflowType=machine_learning" in link
     browser.get(server + link[len(DEFAULT_UI) :])  # the test's server is not on port 5000
-    run = tracked["train"][0]  # newest first: the last job's run
+    [run] = [r for r in tracked["train"] if f"/runs/{r.info.run_id}?" in link]
     wait(browser).until(ec.text_to_be_present_in_element((By.TAG_NAME, "body"), run.info.run_name))
     assert f"/runs/{run.info.run_id}" in browser.current_url
     assert "workflowType=machine_learning" in browser.current_url

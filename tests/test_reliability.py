@@ -793,6 +793,17 @@ def _parameters(function: ast.AST) -> list[str]:
     return names[1:] if names[:1] in (["self"], ["cls"]) else names
 
 
+def _in_memory(function: ast.AST, target: ast.Name) -> bool:
+    """`target` is an io.BytesIO that `function` makes: written in memory, not to a file."""
+    return any(
+        isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == target.id for t in node.targets)
+        and isinstance(node.value, ast.Call)
+        and _name(node.value) == "BytesIO"
+        for node in ast.walk(function)
+    )
+
+
 def atomic_write_violations(sources: dict[str, str]) -> tuple[set[str], list[str]]:
     """Check every file write in `sources` (module name -> code).
 
@@ -820,6 +831,8 @@ def atomic_write_violations(sources: dict[str, str]) -> tuple[set[str], list[str
         if scratch and module.derived_from(target, scratch):
             return
         function = module.function(call)
+        if isinstance(target, ast.Name) and function is not None and _in_memory(function, target):
+            return
         if (
             isinstance(target, ast.Name)
             and function is not None

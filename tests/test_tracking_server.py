@@ -306,7 +306,7 @@ def test_the_model_is_stored_by_the_server_and_downloaded_through_it(
         [model] = [
             m
             for m in mlflow_client.search_logged_models([experiment_id])
-            if m.source_run_id == run_id
+            if m.source_run_id == run_id and m.name == "model"  # not the served one
         ]
         listed = {a.path for a in mlflow_client.list_artifacts(run_id, "model")}
         downloaded = download(stack.url, run_id, "model", tmp_path / "download")

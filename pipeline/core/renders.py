@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.infra.files import atomic_path
+
 PAPER, SHADE, PEN = 245.0, 190.0, 80.0  # grey levels: paper, its shaded side, a pen in a photo
 
 
@@ -75,7 +77,8 @@ def save_grey(pixels: np.ndarray, path: Path, **options) -> Path:
     from PIL import Image
 
     grey = np.round(np.clip(pixels, 0, 255)).astype(np.uint8)
-    Image.fromarray(grey, mode="L").save(path, **options)
+    with atomic_path(path) as tmp:  # keeps the suffix, which names the format
+        Image.fromarray(grey, mode="L").save(tmp, **options)
     return path
 
 
@@ -88,5 +91,6 @@ def canvas_export(ink: np.ndarray, path: Path, colour: tuple[int, int, int]) -> 
     rgba = np.zeros((*ink.shape, 4), dtype=np.uint8)
     rgba[alpha > 0, :3] = colour
     rgba[..., 3] = alpha
-    Image.fromarray(rgba, mode="RGBA").save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgba, mode="RGBA").save(tmp)
     return path

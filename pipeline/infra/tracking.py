@@ -265,7 +265,8 @@ def _open_store(uri: str, experiment: str) -> str:
             found = client.get_experiment_by_name(experiment)
             if found is None:
                 found = _create_experiment(client, experiment, _artifact_location(uri, experiment))
-            _mark_model_training(client, found)
+            if found.lifecycle_stage == "active":  # a deleted one is refused below
+                _mark_model_training(client, found)
     except PipelineError:
         raise
     except Exception as err:  # mlflow raises many types for a bad store
